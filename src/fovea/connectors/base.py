@@ -1,0 +1,97 @@
+"""The connector contract and its registry.
+
+Notation: B images, C encoder channels, h x w feature grid, Q output tokens (the budget), D LLM width,
+L instruction tokens, E connector width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fovea.config import ConnectorConfig
+
+
+class Connector(nn.Module):
+    """Maps encoder features (B,C,h,w) to LLM tokens (B,Q,D).
+
+    ``num_output_tokens(h, w)`` is the number of tokens for an h x w grid; compressors return their budget whatever
+    the grid. ``text_embeds`` (B,L,D) is the instruction, used only by instruction-aware connectors.
+    """
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        grid: tuple[int, int] | None = None,
+        text_embeds: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def num_output_tokens(self, h: int, w: int) -> int:
+        raise NotImplementedError
+
+
+def check_features(features: torch.Tensor, channels: int, grid: tuple[int, int] | None) -> None:
+    if features.ndim != 4 or features.shape[1] != channels:
+        raise ValueError(f"connector expects features (B, {channels}, h, w), got {tuple(features.shape)}")
+    if grid is not None and tuple(grid) != tuple(features.shape[-2:]):
+        raise ValueError(f"grid {tuple(grid)} does not match the feature map {tuple(features.shape[-2:])}")
+
+
+def budget_grid(num_queries: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    """The (qh, qw) output grid of a pooling compressor: the configured one, or the most nearly square factoring of
+    the budget (64 -> 8x8, 128 -> 8x16)."""
+    if grid is not None:
+        qh, qw = grid
+        if qh * qw != num_queries:
+            raise ValueError(f"connector grid {qh}x{qw} = {qh * qw} tokens does not match the budget {num_queries}")
+        return qh, qw
+    if num_queries < 1:
+        raise ValueError(f"token budget must be at least 1, got {num_queries}")
+    qh = max(d for d in range(1, math.isqrt(num_queries) + 1) if num_queries % d == 0)
+    return qh, num_queries // qh
+
+
+def sincos_2d(h: int, w: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position code for an h x w grid: (h*w, dim), raster order. Works for any grid."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter, 1)))
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float32),
+        torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    y = ys.reshape(-1, 1) * omega  # (h*w, dim/4)
+    x = xs.reshape(-1, 1) * omega
+    code = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)  # (h*w, 4*(dim//4))
+    if code.shape[1] < dim:
+        code = torch.nn.functional.pad(code, (0, dim - code.shape[1]))
+    return code.to(dtype or torch.float32)
+
+
+ConnectorBuilder = Callable[[ConnectorConfig, int, int], Connector]
+_CONNECTORS: dict[str, ConnectorBuilder] = {}
+
+
+def register_connector(name: str) -> Callable[[ConnectorBuilder], ConnectorBuilder]:
+    def wrap(builder: ConnectorBuilder) -> ConnectorBuilder:
+        if name in _CONNECTORS:
+            raise ValueError(f"connector {name!r} is already registered")
+        _CONNECTORS[name] = builder
+        return builder
+
+    return wrap
+
+
+def available_connectors() -> list[str]:
+    return sorted(_CONNECTORS)
+
+
+def build_connector(cfg: ConnectorConfig, *, in_channels: int, out_dim: int) -> Connector:
+    if cfg.name not in _CONNECTORS:
+        raise ValueError(f"unknown connector {cfg.name!r}; available: {available_connectors()}")
+    return _CONNECTORS[cfg.name](cfg, in_channels, out_dim)

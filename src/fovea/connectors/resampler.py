@@ -1,0 +1,214 @@
+"""Query-based compressors: the Flamingo Perceiver Resampler and the BLIP-2 / InstructBLIP Q-Former.
+
+Notation: B images, C channels, h x w grid, N = h*w image tokens, Q queries (the budget), L instruction tokens,
+E connector width, D LLM width, H heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fovea.config import ConnectorConfig
+from fovea.connectors.base import Connector, check_features, register_connector, sincos_2d
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, e = x.shape
+    return x.view(b, n, heads, e // heads).transpose(1, 2)  # (B,n,E) -> (B,H,n,E/H)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)  # (B,H,n,E/H) -> (B,n,E)
+
+
+def _image_tokens(features: torch.Tensor, position_encoding: bool) -> torch.Tensor:
+    b, c, h, w = features.shape
+    tokens = features.flatten(2).transpose(1, 2)  # (B,C,h,w) -> (B,N,C)
+    if position_encoding:
+        tokens = tokens + sincos_2d(h, w, c, device=tokens.device, dtype=tokens.dtype)
+    return tokens
+
+
+class PerceiverLayer(nn.Module):
+    """Latents attend to [image tokens; latents] (Flamingo), then a feed-forward block; both pre-norm residual."""
+
+    def __init__(self, *, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.ff = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, 4 * dim, bias=False), nn.GELU(), nn.Linear(4 * dim, dim, bias=False)
+        )
+        self.dropout = dropout
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        x, lat = self.norm_media(media), self.norm_latents(latents)  # (B,N,E), (B,Q,E)
+        q = _heads(self.to_q(lat), self.heads)  # (B,H,Q,E/H)
+        k, v = self.to_kv(torch.cat([x, lat], dim=1)).chunk(2, dim=-1)  # (B,N+Q,E) each
+        attn = F.scaled_dot_product_attention(
+            q, _heads(k, self.heads), _heads(v, self.heads), dropout_p=self.dropout if self.training else 0.0
+        )
+        latents = latents + self.to_out(_merge(attn))  # (B,Q,E)
+        return latents + self.ff(latents)
+
+
+class PerceiverResampler(Connector):
+    """Q learned latents read the image through ``num_layers`` cross-attention layers; output (B,Q,D)."""
+
+    def __init__(
+        self, *, in_channels: int, out_dim: int, num_queries: int, dim: int, num_layers: int, heads: int,
+        dropout: float = 0.0, position_encoding: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"perceiver width {dim} is not divisible by its {heads} heads")
+        self.in_channels, self.num_queries, self.position_encoding = in_channels, num_queries, position_encoding
+        self.proj_in = nn.Linear(in_channels, dim)
+        self.latents = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.layers = nn.ModuleList(PerceiverLayer(dim=dim, heads=heads, dropout=dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.proj_out = nn.Linear(dim, out_dim)
+
+    def forward(self, features, grid=None, text_embeds=None, text_mask=None):
+        check_features(features, self.in_channels, grid)
+        media = self.proj_in(_image_tokens(features, self.position_encoding))  # (B,N,C) -> (B,N,E)
+        latents = self.latents.expand(features.shape[0], -1, -1)  # (Q,E) -> (B,Q,E)
+        for layer in self.layers:
+            latents = layer(media, latents)
+        return self.proj_out(self.norm(latents))  # (B,Q,E) -> (B,Q,D)
+
+    def num_output_tokens(self, h: int, w: int) -> int:
+        return self.num_queries
+
+
+class QFormerAttention(nn.Module):
+    """BERT attention with its post-norm output block; names follow transformers' Blip2QFormer for weight loading."""
+
+    def __init__(self, *, dim: int, kv_dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(kv_dim, dim)
+        self.value = nn.Linear(kv_dim, dim)
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-12)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = _heads(self.query(x), self.heads)  # (B,n,E) -> (B,H,n,E/H)
+        k = _heads(self.key(context), self.heads)  # (B,m,E') -> (B,H,m,E/H)
+        v = _heads(self.value(context), self.heads)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.norm(x + self.dense(_merge(attn)))  # (B,n,E)
+
+
+class QFormerFFN(nn.Module):
+    def __init__(self, *, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.intermediate = nn.Linear(dim, hidden)
+        self.output = nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.output(F.gelu(self.intermediate(x))))
+
+
+class QFormerLayer(nn.Module):
+    """Self-attention over [queries; instruction], cross-attention (queries only) to the image when ``cross``,
+    then separate feed-forward blocks for queries and instruction tokens (BLIP-2)."""
+
+    def __init__(self, *, dim: int, image_dim: int, heads: int, cross: bool, dropout: float) -> None:
+        super().__init__()
+        self.attention = QFormerAttention(dim=dim, kv_dim=dim, heads=heads, dropout=dropout)
+        self.crossattention = (
+            QFormerAttention(dim=dim, kv_dim=image_dim, heads=heads, dropout=dropout) if cross else None
+        )
+        self.ffn_query = QFormerFFN(dim=dim, hidden=4 * dim)
+        self.ffn_text = QFormerFFN(dim=dim, hidden=4 * dim)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor, num_queries: int, mask: torch.Tensor | None):
+        x = self.attention(x, x, mask)  # (B,Q+L,E)
+        queries, text = x[:, :num_queries], x[:, num_queries:]  # (B,Q,E), (B,L,E)
+        if self.crossattention is not None:
+            queries = self.crossattention(queries, image)  # (B,Q,E) attends to (B,N,C)
+        return torch.cat([self.ffn_query(queries), self.ffn_text(text)], dim=1)
+
+
+class QFormer(Connector):
+    """BLIP-2 Q-Former: Q learned queries, self-attention every layer, cross-attention to the image every
+    ``cross_attention_every`` layers; with ``instruction_aware`` the instruction joins the self-attention
+    (InstructBLIP). The query outputs are projected to the LLM width: (B,Q,D)."""
+
+    def __init__(
+        self, *, in_channels: int, out_dim: int, num_queries: int, dim: int, num_layers: int, heads: int,
+        cross_attention_every: int = 2, instruction_aware: bool = False, text_dim: int | None = None,
+        dropout: float = 0.0, position_encoding: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"Q-Former width {dim} is not divisible by its {heads} heads")
+        if cross_attention_every < 1:
+            raise ValueError(f"cross_attention_every must be >= 1, got {cross_attention_every}")
+        self.in_channels, self.num_queries, self.position_encoding = in_channels, num_queries, position_encoding
+        self.instruction_aware = instruction_aware
+        self.image_norm = nn.LayerNorm(in_channels)
+        self.query_tokens = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
+        self.text_proj = nn.Linear(text_dim or out_dim, dim) if instruction_aware else None
+        self.layernorm = nn.LayerNorm(dim, eps=1e-12)
+        self.layers = nn.ModuleList(
+            QFormerLayer(dim=dim, image_dim=in_channels, heads=heads, cross=i % cross_attention_every == 0,
+                         dropout=dropout)
+            for i in range(num_layers)
+        )
+        self.proj_out = nn.Linear(dim, out_dim)
+
+    def forward(self, features, grid=None, text_embeds=None, text_mask=None):
+        check_features(features, self.in_channels, grid)
+        b = features.shape[0]
+        image = self.image_norm(_image_tokens(features, self.position_encoding))  # (B,N,C)
+        x = self.query_tokens.expand(b, -1, -1)  # (B,Q,E)
+        mask = None
+        if self.instruction_aware and text_embeds is not None:
+            if text_embeds.ndim != 3 or text_embeds.shape[0] != b:
+                raise ValueError(f"instruction embeddings must be (B={b}, L, D), got {tuple(text_embeds.shape)}")
+            x = torch.cat([x, self.text_proj(text_embeds)], dim=1)  # (B,Q+L,E)
+            if text_mask is not None:
+                keep = torch.cat([torch.ones(b, self.num_queries, dtype=torch.bool, device=x.device),
+                                  text_mask.to(torch.bool)], dim=1)  # (B,Q+L)
+                mask = keep[:, None, None, :]  # (B,1,1,Q+L): padded instruction tokens are never attended to
+        x = self.layernorm(x)
+        for layer in self.layers:
+            x = layer(x, image, self.num_queries, mask)
+        return self.proj_out(x[:, : self.num_queries])  # (B,Q,E) -> (B,Q,D)
+
+    def num_output_tokens(self, h: int, w: int) -> int:
+        return self.num_queries
+
+
+def _width(cfg: ConnectorConfig, out_dim: int) -> int:
+    width = cfg.hidden_size or out_dim
+    return width - width % cfg.num_heads or cfg.num_heads
+
+
+@register_connector("perceiver")
+def perceiver(cfg: ConnectorConfig, in_channels: int, out_dim: int) -> Connector:
+    return PerceiverResampler(
+        in_channels=in_channels, out_dim=out_dim, num_queries=cfg.num_queries, dim=_width(cfg, out_dim),
+        num_layers=cfg.num_layers, heads=cfg.num_heads, dropout=cfg.dropout, position_encoding=cfg.position_encoding,
+    )
+
+
+@register_connector("qformer")
+def qformer(cfg: ConnectorConfig, in_channels: int, out_dim: int) -> Connector:
+    return QFormer(
+        in_channels=in_channels, out_dim=out_dim, num_queries=cfg.num_queries, dim=_width(cfg, out_dim),
+        num_layers=cfg.num_layers, heads=cfg.num_heads, cross_attention_every=cfg.cross_attention_every,
+        instruction_aware=cfg.instruction_aware, text_dim=out_dim, dropout=cfg.dropout,
+        position_encoding=cfg.position_encoding,
+    )

@@ -1,0 +1,198 @@
+"""The VLM: encode images -> compress to visual tokens -> merge into the prompt -> LLM.
+
+Notation: B sequences, L tokens, C encoder channels, h x w feature grid, Q visual tokens per image, D LLM width,
+N visual tokens in a batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fovea.config import VLMConfig
+from fovea.connectors import Connector, build_connector
+from fovea.lm import build_lm, lm_from_config_dict
+from fovea.merge import merge_visual_tokens
+from fovea.preprocess import ImageProcessor, Processor
+from fovea.vision import Encoder, build_encoder
+
+CONFIG_NAME, WEIGHTS_NAME, FORMAT_VERSION = "config.json", "model.safetensors", 1
+
+
+def _group_by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[tuple(t.shape)].append(i)
+    return groups
+
+
+class VLM(nn.Module):
+    def __init__(self, config: VLMConfig, *, encoder: Encoder, connector: Connector, lm: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.config, self.tokenizer = config, tokenizer
+        self.encoder, self.connector, self.lm = encoder, connector, lm
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        self.set_trainable(
+            vision=not config.freeze_vision, connector=not config.freeze_connector, lm=not config.freeze_lm
+        )
+
+    # ----- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: VLMConfig) -> VLM:
+        """Build every part from its config: encoder and connector random (or encoder weights from a local file),
+        the LLM from its preset or directory; the image placeholder is added to the tokenizer if missing."""
+        lm, tokenizer = build_lm(config.lm)
+        if config.image_token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]},
+                                         replace_extra_special_tokens=False)
+        if lm.get_input_embeddings().num_embeddings < len(tokenizer):
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        encoder = build_encoder(config.vision)
+        connector = build_connector(config.connector, in_channels=encoder.channels, out_dim=lm.config.hidden_size)
+        return cls(config, encoder=encoder, connector=connector, lm=lm, tokenizer=tokenizer)
+
+    def set_trainable(self, *, vision: bool, connector: bool, lm: bool) -> None:
+        """The one freeze policy: which parts get gradients. Frozen parts also stay in eval mode (BatchNorm,
+        dropout) when the model is put in training mode."""
+        self._trainable = {"encoder": vision, "connector": connector, "lm": lm}
+        for name, flag in self._trainable.items():
+            getattr(self, name).requires_grad_(flag)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> VLM:
+        super().train(mode)
+        for name, flag in getattr(self, "_trainable", {}).items():
+            if not flag:
+                getattr(self, name).eval()
+        return self
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ----- the one token-count function, shared with the processor ---------------------------------------------
+    def num_visual_tokens(self, height: int, width: int) -> int:
+        """Visual tokens the LLM receives for an image of ``height`` x ``width`` pixels after preprocessing."""
+        return self.connector.num_output_tokens(*self.encoder.grid(height, width))
+
+    def processor(self) -> Processor:
+        image_processor = ImageProcessor(encoder=self.encoder, cfg=self.config.preprocess)
+        return Processor(tokenizer=self.tokenizer, image_processor=image_processor,
+                         num_visual_tokens=self.num_visual_tokens, image_token=self.config.image_token)
+
+    # ----- stages -----------------------------------------------------------------------------------------------
+    def encode(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Encoder features per image: [(3,H_i,W_i)] -> [(C,h_i,w_i)]. Images of equal size run as one batch;
+        different sizes are never padded to the largest."""
+        out: list[torch.Tensor | None] = [None] * len(pixels)
+        for _, idx in _group_by_shape(pixels).items():
+            batch = torch.stack([pixels[i] for i in idx]).to(self.device, self.encoder_dtype)  # (b,3,H,W)
+            feats = self.encoder.features(batch)  # (b,C,h,w)
+            for j, i in enumerate(idx):
+                out[i] = feats[j]
+        return out  # type: ignore[return-value]
+
+    def compress(self, features: Sequence[torch.Tensor], instructions: Sequence[torch.Tensor] | None = None):
+        """Visual tokens per image: [(C,h_i,w_i)] -> [(Q_i,D)], grouped by grid shape."""
+        out: list[torch.Tensor | None] = [None] * len(features)
+        for _, idx in _group_by_shape(features).items():
+            feats = torch.stack([features[i] for i in idx]).to(self.connector_dtype)  # (b,C,h,w)
+            text, mask = self._instruction_embeds([instructions[i] for i in idx]) if instructions else (None, None)
+            tokens = self.connector(feats, tuple(feats.shape[-2:]), text, mask)  # (b,Q,D)
+            for j, i in enumerate(idx):
+                out[i] = tokens[j]
+        return out  # type: ignore[return-value]
+
+    def visual_tokens(self, pixels: Sequence[torch.Tensor], instructions: Sequence[torch.Tensor] | None = None):
+        """All images' visual tokens in prompt order: (N, D)."""
+        if not pixels:
+            return torch.empty(0, self.lm.config.hidden_size, device=self.device, dtype=self.lm.dtype)
+        return torch.cat(self.compress(self.encode(pixels), instructions), dim=0)
+
+    def embed(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Text embeddings with the visual tokens scattered over the placeholders: (..., L) -> (..., L, D)."""
+        return merge_visual_tokens(self.lm.get_input_embeddings()(input_ids), input_ids, self.image_token_id, visual)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: Sequence[torch.Tensor] = (),
+        instructions: Sequence[torch.Tensor] | None = None,
+        **lm_kwargs: Any,
+    ):
+        """``input_ids`` (B,L) with expanded placeholders; ``pixel_values`` the images in placeholder order;
+        ``lm_kwargs`` (labels, position_ids, attention_mask, past_key_values, packing metadata...) go to the LLM."""
+        visual = self.visual_tokens(pixel_values, instructions)  # (N,D)
+        inputs_embeds = self.embed(input_ids, visual)  # (B,L,D)
+        return self.lm(inputs_embeds=inputs_embeds, **lm_kwargs)
+
+    def _instruction_embeds(self, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(1, max(len(t) for t in ids))
+        padded = torch.full((len(ids), longest), 0, dtype=torch.long, device=self.device)  # (b,L)
+        mask = torch.zeros(len(ids), longest, dtype=torch.bool, device=self.device)
+        for i, t in enumerate(ids):
+            padded[i, : len(t)], mask[i, : len(t)] = t, True
+        return self.lm.get_input_embeddings()(padded).to(self.connector_dtype), mask
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    @property
+    def connector_dtype(self) -> torch.dtype:
+        return next(self.connector.parameters()).dtype
+
+    # ----- save / load ------------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer to ``path`` (written to a temporary
+        directory first and renamed, so an interrupted save never leaves a half-written model)."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp-save")
+        tmp.mkdir(parents=True, exist_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "fovea": self.config.to_dict(), "lm_config": self.lm.config.to_dict()}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
+        save_model(self, str(tmp / WEIGHTS_NAME))
+        self.tokenizer.save_pretrained(tmp)
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        tmp.rename(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VLM:
+        """Load a directory written by ``save_pretrained``; every weight must match (strict)."""
+        from safetensors.torch import load_model
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise ValueError(f"{str(path)!r} is not a fovea model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        meta = json.loads((path / CONFIG_NAME).read_text())
+        if meta.get("format_version") != FORMAT_VERSION or "fovea" not in meta:
+            raise ValueError(f"{str(path / CONFIG_NAME)!r} is not a fovea config (format_version {FORMAT_VERSION})")
+        config = VLMConfig.from_dict(meta["fovea"])
+        config.vision.weights = None  # the encoder's weights are in model.safetensors
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        lm = lm_from_config_dict(meta["lm_config"], config.lm.dtype)
+        encoder = build_encoder(config.vision)
+        connector = build_connector(config.connector, in_channels=encoder.channels, out_dim=lm.config.hidden_size)
+        model = cls(config, encoder=encoder, connector=connector, lm=lm, tokenizer=tokenizer)
+        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {str(path)!r} does not match its config: missing keys {sorted(missing)[:8]}, "
+                f"unexpected keys {sorted(unexpected)[:8]}"
+            )
+        return model

@@ -1,0 +1,111 @@
+"""From user input to model input: images resized for the encoder, chat messages templated, and each image
+placeholder expanded to exactly the number of visual tokens the model will produce for that image.
+
+Notation: H x W pixels after resizing; L prompt tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fovea.config import PreprocessConfig
+from fovea.preprocess.image import load_image, to_tensor
+
+
+@dataclass
+class PreparedImage:
+    pixels: torch.Tensor  # (3, H, W) normalised, H and W multiples of the encoder stride
+    original_size: tuple[int, int]  # (height, width) of the decoded image
+    content_size: tuple[int, int]  # (height, width) of the resized image before padding
+
+
+class ImageProcessor:
+    """Loads an image under the pixel limit and brings it to the encoder's input size (aspect ratio kept)."""
+
+    def __init__(self, *, encoder: Any, cfg: PreprocessConfig) -> None:
+        self.encoder, self.cfg = encoder, cfg
+
+    def __call__(self, image: Any) -> PreparedImage:
+        img = load_image(image, max_pixels=self.cfg.max_pixels)
+        args = (img.height, img.width, self.cfg.max_side, self.cfg.upscale)
+        content = self.encoder.resized_content(*args)
+        size = self.encoder.input_size(*args)
+        pixels = to_tensor(img, content=content, size=size, cfg=self.cfg)
+        return PreparedImage(pixels=pixels, original_size=(img.height, img.width), content_size=content)
+
+
+@dataclass
+class Prompt:
+    input_ids: torch.Tensor  # (L,) with each image's placeholder expanded to its visual-token count
+    images: list[PreparedImage]  # in the order their placeholders appear
+    num_visual_tokens: list[int]  # visual tokens per image, from the model's own counting function
+    instructions: list[torch.Tensor]  # per image, token ids of the text of the message it came in (Q-Former input)
+
+
+def message_text(content: str | Sequence[dict], image_token: str) -> tuple[str, int]:
+    """Flatten OpenAI-style content parts to text with ``image_token`` where each image goes; returns the text and
+    the number of image parts."""
+    if isinstance(content, str):
+        return content, content.count(image_token)
+    pieces, count = [], 0
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            pieces.append(str(part.get("text", "")))
+        elif kind in ("image", "image_url"):
+            pieces.append(image_token)
+            count += 1
+        else:
+            raise ValueError(f"unsupported message part {part!r}; expected type 'text', 'image' or 'image_url'")
+    return "".join(pieces), count
+
+
+class Processor:
+    """Chat template + placeholder expansion. ``num_visual_tokens(H, W)`` is the model's own function, so the
+    prompt always carries exactly as many placeholders as the connector emits."""
+
+    def __init__(
+        self, *, tokenizer: Any, image_processor: ImageProcessor, num_visual_tokens: Callable[[int, int], int],
+        image_token: str,
+    ) -> None:
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.num_visual_tokens, self.image_token = num_visual_tokens, image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+
+    def __call__(self, messages: Sequence[dict], images: Sequence[Any] = (), *, add_generation_prompt: bool = True):
+        if not messages:
+            raise ValueError("messages is empty; give at least one message")
+        prepared = [self.image_processor(image) for image in images]
+        templated, instructions = [], []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
+            text, count = message_text(message["content"], self.image_token)
+            templated.append({"role": message["role"], "content": text})
+            plain = text.replace(self.image_token, " ").strip()
+            instructions.extend([self._ids(plain)] * count)
+        if len(instructions) != len(prepared):
+            raise ValueError(f"messages hold {len(instructions)} image placeholders but {len(prepared)} images given")
+        text = self.tokenizer.apply_chat_template(
+            templated, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        ids = self._ids(text)
+        counts = [self.num_visual_tokens(*p.pixels.shape[-2:]) for p in prepared]
+        return Prompt(input_ids=self.expand(ids, counts), images=prepared, num_visual_tokens=counts,
+                      instructions=instructions)
+
+    def _ids(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def expand(self, ids: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Replace the i-th placeholder id in ``ids`` (L,) by ``counts[i]`` copies of it."""
+        positions = (ids == self.image_token_id).nonzero().flatten().tolist()
+        if len(positions) != len(counts):
+            raise ValueError(f"prompt has {len(positions)} image placeholders but {len(counts)} images were given")
+        repeats = torch.ones_like(ids)
+        repeats[positions] = torch.tensor(counts, dtype=torch.long) if counts else repeats[positions]
+        return ids.repeat_interleave(repeats)

@@ -1,0 +1,6 @@
+"""Vision encoders: one contract (``features(pixels) -> (B,C,h,w)``, ``num_tokens(H,W)``), one registry."""
+
+from fovea.vision import timm_encoders as _timm_encoders  # noqa: F401  (registers the timm encoders)
+from fovea.vision.base import Encoder, available_encoders, build_encoder, register_encoder
+
+__all__ = ["Encoder", "available_encoders", "build_encoder", "register_encoder"]

@@ -1,0 +1,118 @@
+"""The encoder contract and its registry.
+
+Notation: B images, 3 colour channels, H x W input pixels, C feature channels, h x w feature grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fovea.config import VisionConfig
+
+
+class Encoder(nn.Module):
+    """A vision encoder: ``features(pixels (B,3,H,W)) -> (B,C,h,w)``.
+
+    Subclasses set ``stride`` (input pixels per feature cell along each side) and ``channels`` (C), and may
+    override ``input_size`` (how an image is resized before encoding) and ``grid``.
+    """
+
+    stride: int
+    channels: int
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.features(pixels)
+
+    def check_input(self, pixels: torch.Tensor) -> None:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"encoder expects pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
+        height, width = pixels.shape[-2:]
+        if height % self.stride or width % self.stride:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the encoder stride {self.stride}; "
+                "resize with fovea.preprocess first"
+            )
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Feature grid (h, w) for an input of ``height`` x ``width`` pixels (both multiples of the stride)."""
+        return height // self.stride, width // self.stride
+
+    def num_tokens(self, height: int, width: int) -> int:
+        h, w = self.grid(height, width)
+        return h * w
+
+    def input_size(self, height: int, width: int, max_side: int, upscale: bool = False) -> tuple[int, int]:
+        """Pixel size (H, W) an image of ``height`` x ``width`` is brought to: long side scaled to at most
+        ``max_side`` with the aspect ratio kept, each side rounded up to a multiple of the stride (padding)."""
+        scale = max_side / max(height, width)
+        if not upscale:
+            scale = min(scale, 1.0)
+        h, w = max(1, round(height * scale)), max(1, round(width * scale))
+        return _round_up(h, self.stride), _round_up(w, self.stride)
+
+    def resized_content(self, height: int, width: int, max_side: int, upscale: bool = False) -> tuple[int, int]:
+        """Size the image content is resized to before padding up to ``input_size``."""
+        scale = max_side / max(height, width)
+        if not upscale:
+            scale = min(scale, 1.0)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+EncoderBuilder = Callable[[VisionConfig], Encoder]
+_ENCODERS: dict[str, EncoderBuilder] = {}
+
+
+def register_encoder(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
+    def wrap(builder: EncoderBuilder) -> EncoderBuilder:
+        if name in _ENCODERS:
+            raise ValueError(f"encoder {name!r} is already registered")
+        _ENCODERS[name] = builder
+        return builder
+
+    return wrap
+
+
+def available_encoders() -> list[str]:
+    return sorted(_ENCODERS)
+
+
+def build_encoder(cfg: VisionConfig) -> Encoder:
+    if cfg.name not in _ENCODERS:
+        raise ValueError(f"unknown encoder {cfg.name!r}; available: {available_encoders()}")
+    encoder = _ENCODERS[cfg.name](cfg)
+    if cfg.weights:
+        load_encoder_weights(encoder, cfg.weights)
+    return encoder
+
+
+def load_encoder_weights(encoder: Encoder, path: str) -> None:
+    """Load pretrained weights from a local file (safetensors or a torch state dict); keys may be those of the
+    timm model itself (``model.``-prefixed or bare)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"encoder weights file {path!r} does not exist")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    target = encoder.model if hasattr(encoder, "model") else encoder
+    if any(k.startswith("model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    result = target.load_state_dict(state, strict=False)
+    missing = list(result.missing_keys)
+    if missing:
+        raise ValueError(f"encoder weights {path!r} are missing {len(missing)} keys, e.g. {missing[:5]}")
