@@ -81,6 +81,8 @@ class VLMConfig:
             raise ValueError(f"unknown VLMConfig keys {sorted(unknown)}; known keys are {sorted(known)}")
         data = dict(data)
         vision = dict(data.pop("vision", {}))
+        if "overrides" in vision:  # JSON turns tuples into lists; timm's layer specs are tuples
+            vision["overrides"] = {k: tuple(v) if isinstance(v, list) else v for k, v in vision["overrides"].items()}
         if "pinpoints" in vision:
             vision["pinpoints"] = tuple(tuple(p) for p in vision["pinpoints"])
         connector = dict(data.pop("connector", {}))

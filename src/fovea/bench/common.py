@@ -1,0 +1,75 @@
+"""What every benchmark shares: a fixed thread count, the environment it ran in, a repeat timer, JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def setup_threads(threads: int | None) -> int:
+    """Fix torch's intra-op thread count (default: every core) so runs are comparable; returns it."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def environment() -> dict[str, Any]:
+    import timm
+    import transformers
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+        "timm": timm.__version__, "threads": torch.get_num_threads(), "device": device,
+        "machine": platform.machine(), "platform": platform.platform(),
+    }
+
+
+def describe(env: dict[str, Any]) -> str:
+    return (f"device={env['device']} threads={env['threads']} torch={env['torch']} "
+            f"transformers={env['transformers']} timm={env['timm']}")
+
+
+@dataclass
+class Timing:
+    median_s: float  # median of the measured runs
+    min_s: float  # fastest run
+    max_s: float  # slowest run
+    runs: int  # measured runs (warm-up excluded)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"median_s": self.median_s, "min_s": self.min_s, "max_s": self.max_s, "runs": self.runs}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; returns median, min and max."""
+    for _ in range(warmup):
+        fn()
+        sync()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path

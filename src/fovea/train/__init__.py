@@ -1,0 +1,1 @@
+"""Training: recipes, freeze policy, checkpoints, data and synthetic documents."""

@@ -1,0 +1,40 @@
+"""Shared tiny configurations: every test builds random models small enough to run in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from fovea.config import ConnectorConfig, LMConfig, PreprocessConfig, VisionConfig, VLMConfig  # noqa: E402
+
+# Constructor overrides that shrink each registered encoder to a few thousand parameters, same architecture.
+TINY_ENCODERS = {
+    "fastvithd": dict(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128)),
+    "fastvit-mci0": dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128)),
+    "vit-l14-336": dict(embed_dim=32, depth=2, num_heads=2),
+    "vit-l14-336-anyres": dict(embed_dim=32, depth=2, num_heads=2),
+}
+TINY_TILE = 28  # two 14 px patches per side
+TINY_PINPOINTS = ((28, 56), (56, 28), (56, 56), (28, 84), (84, 28))
+
+
+def tiny_config(encoder: str = "fastvithd", connector: str = "mlp", *, budget: int = 8, lm: str = "tiny-llama",
+                max_side: int = 256, **connector_kw) -> VLMConfig:
+    return VLMConfig(
+        vision=VisionConfig(name=encoder, overrides=TINY_ENCODERS[encoder], tile_size=TINY_TILE,
+                            pinpoints=TINY_PINPOINTS),
+        connector=ConnectorConfig(name=connector, num_queries=budget, hidden_size=32, num_heads=2, num_layers=2,
+                                  **connector_kw),
+        lm=LMConfig(name=lm),
+        preprocess=PreprocessConfig(max_side=max_side, upscale=True),
+    )
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

@@ -1,0 +1,42 @@
+"""The `fovea` command as a user meets it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _fovea(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fovea.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_on_every_command():
+    top = _fovea("--help")
+    assert top.returncode == 0
+    for command in ("demo", "fetch-llm", "info"):
+        assert command in top.stdout
+        sub = _fovea(command, "--help")
+        assert sub.returncode == 0 and "usage: fovea " + command in sub.stdout
+
+
+def test_info_lists_registries():
+    out = _fovea("info")
+    assert out.returncode == 0
+    assert "fastvithd" in out.stdout and "qformer" in out.stdout and "smollm2-135m-shape" in out.stdout
+
+
+def test_demo_prints_the_table():
+    out = _fovea("demo", "--llm", "tiny-llama", "--max-side", "256", "--threads", "2")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("ViT-L/14", "FastViTHD"))]
+    assert len(rows) == 4
+    tokens = [int(line.split()[-10].replace(",", "")) for line in rows]
+    assert tokens[0] == 5 * 576  # AnyRes: four 336 px crops and a thumbnail for a 4:3 page
+    assert tokens[2:] == [256, 64]  # the compressors' budgets
+    assert "random" in out.stdout
+
+
+def test_bad_argument_is_a_clear_error():
+    out = _fovea("demo", "--llm", "no-such-llm", "--max-side", "128")
+    assert out.returncode == 2
+    assert "unknown LLM preset 'no-such-llm'" in out.stderr

@@ -1,0 +1,114 @@
+"""VLM assembly: placeholder expansion, the merge check, freezing, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from fovea import VLM
+from fovea.lm import byte_tokenizer
+from fovea.merge import merge_visual_tokens
+
+
+def _messages(n_images: int = 1, text: str = "what is written?"):
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+
+
+def test_byte_tokenizer_round_trips_text():
+    tok = byte_tokenizer()
+    text = "Pay EUR 1,250.00 — naïve café ✓"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    templated = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert templated == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_placeholders_expand_to_the_models_count():
+    model = VLM.from_config(tiny_config("fastvithd", "mlp"))
+    images = [Image.new("RGB", (320, 128)), Image.new("RGB", (64, 256))]
+    prompt = model.processor()(_messages(2), images)
+    assert prompt.num_visual_tokens == [model.num_visual_tokens(*i.pixels.shape[-2:]) for i in prompt.images]
+    assert prompt.num_visual_tokens == [4 * 2, 1 * 4]  # 256x102->128 px grid of 64 px cells; 256x64
+    assert int((prompt.input_ids == model.image_token_id).sum()) == sum(prompt.num_visual_tokens)
+    logits = model(prompt.input_ids[None], [i.pixels for i in prompt.images]).logits
+    assert logits.shape == (1, len(prompt.input_ids), model.lm.config.vocab_size)
+
+
+def test_processor_errors():
+    proc = VLM.from_config(tiny_config()).processor()
+    with pytest.raises(ValueError, match="messages hold 2 image placeholders but 1 images given"):
+        proc(_messages(2), [Image.new("RGB", (64, 64))])
+    with pytest.raises(ValueError, match="messages is empty"):
+        proc([], [])
+    with pytest.raises(ValueError, match="unsupported message part"):
+        proc([{"role": "user", "content": [{"type": "audio"}]}], [])
+
+
+def test_merge_count_mismatch_names_both_numbers():
+    ids = torch.tensor([[1, 9, 9, 9, 2]])
+    embeds = torch.zeros(1, 5, 4)
+    with pytest.raises(ValueError, match="prompt has 3 image placeholder tokens but the images produced 2 visual"):
+        merge_visual_tokens(embeds, ids, 9, torch.ones(2, 4))
+    merged = merge_visual_tokens(embeds, ids, 9, torch.arange(12.0).view(3, 4))
+    assert torch.equal(merged[0, 1:4], torch.arange(12.0).view(3, 4)) and merged[0, 0].abs().sum() == 0
+
+
+def test_images_of_different_sizes_are_not_padded():
+    """Per-image results in a mixed batch equal each image encoded alone: no image was padded to another."""
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config("vit-l14-336", "perceiver")).eval()
+    pixels = [torch.randn(3, 28, 56), torch.randn(3, 42, 28), torch.randn(3, 28, 56)]
+    together = model.compress(model.encode(pixels))
+    for p, t in zip(pixels, together, strict=True):
+        alone = model.compress(model.encode([p]))[0]
+        torch.testing.assert_close(t, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [dict(freeze_vision=False, freeze_connector=True, freeze_lm=True),
+                                   dict(freeze_vision=True, freeze_connector=False, freeze_lm=False)])
+def test_freeze_flags(flags):
+    cfg = tiny_config("fastvit-mci0", "avgpool")
+    for key, value in flags.items():
+        setattr(cfg, key, value)
+    model = VLM.from_config(cfg).train()
+    for part, frozen in (("encoder", flags["freeze_vision"]), ("connector", flags["freeze_connector"]),
+                         ("lm", flags["freeze_lm"])):
+        module = getattr(model, part)
+        assert all(p.requires_grad != frozen for p in module.parameters()), part
+        assert module.training != frozen, f"{part} should be in {'eval' if frozen else 'train'} mode"
+    expected = sum(p.numel() for part, f in (("encoder", "freeze_vision"), ("connector", "freeze_connector"),
+                                              ("lm", "freeze_lm")) if not flags[f]
+                   for p in getattr(model, part).parameters())
+    assert model.num_trainable_parameters() == expected
+
+
+@pytest.mark.parametrize("lm", ["tiny-llama", "tiny-qwen2"])
+def test_save_load_round_trip_is_exact(tmp_path, lm):
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config("fastvithd", "qformer", lm=lm, instruction_aware=True)).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = VLM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config == model.config
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    prompt = model.processor()(_messages(1), [Image.new("RGB", (200, 130), "gray")])
+    args = (prompt.input_ids[None], [i.pixels for i in prompt.images], prompt.instructions)
+    assert torch.equal(model(*args).logits, loaded(*args).logits)
+    assert loaded.processor()(_messages(1), [Image.new("RGB", (200, 130))]).input_ids.tolist() == \
+        prompt.input_ids.tolist()
+
+
+def test_loading_a_mismatched_checkpoint_names_the_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    VLM.from_config(tiny_config("fastvithd", "mlp")).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    state.pop("connector.fc2.bias")
+    state["connector.extra"] = torch.zeros(1)
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"missing keys \['connector.fc2.bias'\].*unexpected keys \['connector.extra'\]"):
+        VLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="is not a fovea model directory"):
+        VLM.from_pretrained(tmp_path)
