@@ -57,6 +57,7 @@ class LMConfig:
     path: str | None = None  # a transformers model directory (config + safetensors + tokenizer)
     overrides: dict[str, Any] = field(default_factory=dict)  # transformers config overrides for presets
     dtype: str = "float32"  # parameter dtype: float32, bfloat16 or float16
+    attention: str = "auto"  # fovea attention backend: auto, segments, dense, flex or flash_varlen
 
 
 @dataclass

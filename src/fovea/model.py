@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from fovea.attention import PREFIX, use_backend
 from fovea.config import VLMConfig
 from fovea.connectors import Connector, build_connector
 from fovea.lm import build_lm, lm_from_config_dict
 from fovea.merge import merge_visual_tokens
+from fovea.packing import PackedBatch
 from fovea.preprocess import ImageProcessor, Processor
 from fovea.vision import Encoder, build_encoder
 
@@ -38,6 +40,7 @@ class VLM(nn.Module):
         self.config, self.tokenizer = config, tokenizer
         self.encoder, self.connector, self.lm = encoder, connector, lm
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        use_backend(lm, config.lm.attention)
         self.set_trainable(
             vision=not config.freeze_vision, connector=not config.freeze_connector, lm=not config.freeze_lm
         )
@@ -102,7 +105,9 @@ class VLM(nn.Module):
         out: list[torch.Tensor | None] = [None] * len(features)
         for _, idx in _group_by_shape(features).items():
             feats = torch.stack([features[i] for i in idx]).to(self.connector_dtype)  # (b,C,h,w)
-            text, mask = self._instruction_embeds([instructions[i] for i in idx]) if instructions else (None, None)
+            text, mask = None, None
+            if instructions and self.config.connector.instruction_aware:
+                text, mask = self._instruction_embeds([instructions[i] for i in idx])
             tokens = self.connector(feats, tuple(feats.shape[-2:]), text, mask)  # (b,Q,D)
             for j, i in enumerate(idx):
                 out[i] = tokens[j]
@@ -130,6 +135,14 @@ class VLM(nn.Module):
         visual = self.visual_tokens(pixel_values, instructions)  # (N,D)
         inputs_embeds = self.embed(input_ids, visual)  # (B,L,D)
         return self.lm(inputs_embeds=inputs_embeds, **lm_kwargs)
+
+    def forward_packed(self, batch: PackedBatch, **lm_kwargs: Any):
+        """One packed stream (``fovea.packing.pack``) through the model: logits (1,T,V), loss over its labels."""
+        if not self.lm.config._attn_implementation.startswith(PREFIX):
+            raise ValueError(f"packed batches need a fovea attention backend, the LLM uses "
+                             f"{self.lm.config._attn_implementation!r}; call fovea.attention.use_backend(model.lm)")
+        return self(batch.input_ids[None].to(self.device), batch.images, batch.instructions or None,
+                    **batch.lm_kwargs(), **lm_kwargs)
 
     def _instruction_embeds(self, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         longest = max(1, max(len(t) for t in ids))
