@@ -99,7 +99,8 @@ def pack(samples: Sequence[Sample], *, image_token_id: int | None = None, capaci
         for s in samples:
             lab = s.labels.clone() if s.labels is not None else torch.full_like(s.input_ids, IGNORE_INDEX)
             if lab.shape != s.input_ids.shape:
-                raise ValueError(f"sample {s.id!r}: labels {tuple(lab.shape)} do not match ids {tuple(s.input_ids.shape)}")
+                raise ValueError(f"sample {s.id!r}: labels {tuple(lab.shape)} do not match ids "
+                                 f"{tuple(s.input_ids.shape)}")
             # The decoder shifts labels by one over the whole stream: the first token of each sequence would be
             # predicted from the previous sequence's last token. It is never a target.
             lab[0] = IGNORE_INDEX
