@@ -19,6 +19,9 @@ TINY_ENCODERS = {
     "vit-l14-336": dict(embed_dim=32, depth=2, num_heads=2),
     "vit-l14-336-anyres": dict(embed_dim=32, depth=2, num_heads=2),
 }
+# Wider than transformers' 0.02 so a tiny random LLM's greedy tokens vary with the context (at 0.02 they collapse
+# to one repeated token, and a token-equality test would prove little).
+LM_INIT = 0.2
 TINY_TILE = 28  # two 14 px patches per side
 TINY_PINPOINTS = ((28, 56), (56, 28), (56, 56), (28, 84), (84, 28))
 
@@ -30,7 +33,7 @@ def tiny_config(encoder: str = "fastvithd", connector: str = "mlp", *, budget: i
                             pinpoints=TINY_PINPOINTS),
         connector=ConnectorConfig(name=connector, num_queries=budget, hidden_size=32, num_heads=2, num_layers=2,
                                   **connector_kw),
-        lm=LMConfig(name=lm),
+        lm=LMConfig(name=lm, overrides={"initializer_range": LM_INIT}),
         preprocess=PreprocessConfig(max_side=max_side, upscale=True),
     )
 

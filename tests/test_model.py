@@ -113,3 +113,23 @@ def test_loading_a_mismatched_checkpoint_names_the_keys(tmp_path):
         VLM.from_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="is not a fovea model directory"):
         VLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("encoder", ["fastvithd", "fastvit-mci0"])
+def test_reparameterized_encoder_gives_the_same_features_and_reloads(tmp_path, encoder):
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config(encoder, "mlp")).eval()
+    for m in model.encoder.modules():  # non-trivial BatchNorm statistics, so fusing has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    pixels = torch.randn(1, 3, 128, 192)
+    before = model.encoder.features(pixels)
+    n_before = sum(1 for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    model.reparameterize_encoder()
+    after = model.encoder.features(pixels)
+    assert sum(1 for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)) < n_before
+    torch.testing.assert_close(before, after, atol=1e-4, rtol=1e-4)
+    model.save_pretrained(tmp_path / "fused")
+    loaded = VLM.from_pretrained(tmp_path / "fused").eval()
+    torch.testing.assert_close(loaded.encoder.features(pixels), after, atol=0, rtol=0)

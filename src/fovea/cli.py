@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
     p.set_defaults(run=lambda a: cmd_info())
 
+    from fovea.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
     return parser
 
 

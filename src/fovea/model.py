@@ -75,6 +75,13 @@ class VLM(nn.Module):
                 getattr(self, name).eval()
         return self
 
+    def reparameterize_encoder(self) -> VLM:
+        """Fuse the encoder's multi-branch blocks for inference (FastViT: several times fewer convolutions). The
+        config records it, so a saved model reloads in the fused form."""
+        overrides = self.encoder.reparameterize()
+        self.config.vision.overrides.update(overrides)
+        return self
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

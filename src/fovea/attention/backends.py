@@ -37,11 +37,12 @@ def _causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
     return torch.arange(k_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + offset
 
 
-def segments_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
-    """Per-sequence SDPA over slices of the stream: cost sum(Lq_i * Lk_i), nothing padded. The CPU default."""
+def ranges_attention(q, k, v, q_ranges, k_ranges, scale, dropout=0.0):
+    """Attention of query slices over key slices, one pair per sequence: q[:, :, qs:qe] attends to k[:, :, ks:ke]
+    bottom-right causally. The key slices may lie anywhere in ``k`` (a KV cache read in place). -> (T,H,d)"""
     outs = []
     gqa = q.shape[1] != k.shape[1]
-    for (qs, qe), (ks, ke) in zip(_pairs(_bounds(cu_q)), _pairs(_bounds(cu_k)), strict=True):
+    for (qs, qe), (ks, ke) in zip(q_ranges, k_ranges, strict=True):
         qi, ki, vi = q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke]  # (1,H,Lq,d), (1,K,Lk,d)
         lq, lk = qe - qs, ke - ks
         if lq == 0:
@@ -54,6 +55,11 @@ def segments_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
                                                  dropout_p=dropout, scale=scale, enable_gqa=gqa)
         outs.append(out)
     return torch.cat(outs, dim=2)[0].transpose(0, 1)  # (1,H,T,d) -> (T,H,d)
+
+
+def segments_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
+    """Per-sequence SDPA over slices of the stream: cost sum(Lq_i * Lk_i), nothing padded. The CPU default."""
+    return ranges_attention(q, k, v, _pairs(_bounds(cu_q)), _pairs(_bounds(cu_k)), scale, dropout)
 
 
 def _pairs(bounds: list[int]) -> list[tuple[int, int]]:

@@ -35,8 +35,10 @@ def _adapter(name: str):
     backend = BACKENDS[name]
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
-                  cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
+                  cu_seq_lens_k=None, max_length_q=None, max_length_k=None, fovea_cache=None, **kwargs):
         b, h, lq, d = query.shape
+        if fovea_cache is not None:  # the engine's slot cache: keys are written and read in place
+            return fovea_cache.attend(module.layer_idx, query, key, value, scaling).reshape(b, lq, h, d), None
         lk = key.shape[2]
         if cu_seq_lens_q is None:  # unpacked: each row is one whole sequence
             dev = query.device

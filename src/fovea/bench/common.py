@@ -73,3 +73,72 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window: CUDA's allocator peak, or the process's peak RSS on Linux."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb() -> float | None:
+    """Peak memory since ``reset_peak_memory``: CUDA allocated, else the process's peak RSS (VmHWM); None if
+    neither can be read."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def time_adaptive(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3, budget_s: float = 60.0) -> Timing:
+    """Like ``time_call``, but a run that alone takes more than half of ``budget_s`` is not repeated: the first
+    run is then the only measurement (and there is no separate warm-up). Reports how many runs were measured."""
+    start = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - start
+    if first > budget_s / 2:
+        return Timing(first, first, first, 1)
+    rest = max(1, min(repeats, int(budget_s // max(first, 1e-3)) - warmup))
+    if warmup <= 1:
+        return time_call(fn, warmup=0, repeats=rest)
+    return time_call(fn, warmup=warmup - 1, repeats=rest)
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of ``fn`` as counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())

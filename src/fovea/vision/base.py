@@ -30,6 +30,11 @@ class Encoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.features(pixels)
 
+    def reparameterize(self) -> dict:
+        """Fuse multi-branch blocks into their single-branch inference form, in place (same outputs, less work).
+        Returns the constructor overrides that rebuild the fused structure (empty when nothing changed)."""
+        return {}
+
     def check_input(self, pixels: torch.Tensor) -> None:
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"encoder expects pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")

@@ -28,6 +28,12 @@ class TimmHybrid(Encoder):
         self.check_input(pixels)
         return self.model.forward_features(pixels)  # (B,3,H,W) -> (B,C,H/stride,W/stride)
 
+    def reparameterize(self) -> dict:
+        from timm.utils.model import reparameterize_model
+
+        reparameterize_model(self.model, inplace=True)
+        return {"inference_mode": True}  # how timm builds the fused form directly (FastVLM checkpoints use it)
+
 
 @register_encoder("fastvithd")
 def fastvithd(cfg: VisionConfig) -> Encoder:
@@ -44,7 +50,8 @@ def fastvit_mci0(cfg: VisionConfig) -> Encoder:
 def _clip_vit(cfg: VisionConfig, img_size: int):
     overrides = {"img_size": img_size, **cfg.overrides}
     model = timm.create_model(
-        "vit_large_patch14_clip_336", pretrained=False, num_classes=0, dynamic_img_size=True, **overrides
+        "vit_large_patch14_clip_quickgelu_336", pretrained=False, num_classes=0, dynamic_img_size=True,
+        **overrides,
     )
     depth = len(model.blocks)
     layer = cfg.feature_layer % depth
@@ -124,7 +131,8 @@ class TiledViT(Encoder):
 
 @register_encoder("vit-l14-336")
 def vit_l14_336(cfg: VisionConfig) -> Encoder:
-    """CLIP ViT-L/14 (timm ``vit_large_patch14_clip_336``) with dynamic image size: the plain-ViT baseline."""
+    """OpenAI CLIP ViT-L/14-336 (timm ``vit_large_patch14_clip_quickgelu_336``, QuickGELU as in LLaVA's tower),
+    dynamic image size: the plain-ViT baseline."""
     return ViT(cfg)
 
 

@@ -1,0 +1,72 @@
+"""`fovea bench ...` sub-commands: thin wrappers over the benchmark functions."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_bench_packing(lm: str, quick: bool, threads: int | None, repeats: int, out: str) -> int:
+    """Padded vs packed vs one-at-a-time forward over mixed-length sequences; JSON + PNG chart."""
+    from fovea.bench.packing import format_table, run_packing_bench
+
+    payload = run_packing_bench(lm=lm, quick=quick, threads=threads, repeats=repeats, out_dir=out,
+                                progress=lambda s: print(s, flush=True))
+    print()
+    print(format_table(payload))
+    return 0
+
+
+def cmd_bench_encoder(quick: bool, threads: int | None, repeats: int, max_run_s: float, out: str) -> int:
+    """Encoder latency, peak memory, GFLOPs and tokens versus resolution; JSON + PNG chart."""
+    from fovea.bench.encoder import format_table, run_encoder_bench
+
+    payload = run_encoder_bench(quick=quick, threads=threads, repeats=repeats, max_run_s=max_run_s, out_dir=out,
+                                progress=lambda s: print(s, flush=True))
+    print()
+    print(format_table(payload))
+    return 0
+
+
+def cmd_bench_ttft(quick: bool, llm: list[str] | None, max_side: int, threads: int | None, repeats: int,
+                   no_peers: bool, out: str) -> int:
+    """Time to first token by stage on a 2880x2160 page, beside transformers' FastVLM and LLaVA-NeXT."""
+    from fovea.bench.ttft import format_table, run_ttft_bench
+
+    payload = run_ttft_bench(llms=llm, quick=quick, max_side=max_side, threads=threads, repeats=repeats,
+                             peers=not no_peers, out_dir=out, progress=lambda s: print(s, flush=True))
+    print()
+    print(format_table(payload))
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that write JSON and PNG charts",
+                           description="Benchmarks: each warms up, repeats, reports median/min/max, writes JSON + PNG.")
+    which = bench.add_subparsers(dest="bench", required=True)
+    p = which.add_parser("packing", help=cmd_bench_packing.__doc__, description=cmd_bench_packing.__doc__)
+    p.add_argument("--lm", default="llama-6l-512", help="LLM preset (random weights)")
+    p.add_argument("--quick", action="store_true", help="lengths divided by 4: a run of about a minute")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per mode (after one warm-up)")
+    p.add_argument("--out", default="bench-results", help="directory for packing.json and packing.png")
+    p.set_defaults(run=lambda a: cmd_bench_packing(a.lm, a.quick, a.threads, a.repeats, a.out))
+
+    p = which.add_parser("encoder", help=cmd_bench_encoder.__doc__, description=cmd_bench_encoder.__doc__)
+    p.add_argument("--quick", action="store_true", help="336, 672 and 1024 px only")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per point (fewer when one run is long)")
+    p.add_argument("--max-run-s", type=float, default=300.0, help="skip (and record) points estimated above this")
+    p.add_argument("--out", default="bench-results", help="directory for encoder.json and encoder.png")
+    p.set_defaults(run=lambda a: cmd_bench_encoder(a.quick, a.threads, a.repeats, a.max_run_s, a.out))
+
+    p = which.add_parser("ttft", help=cmd_bench_ttft.__doc__, description=cmd_bench_ttft.__doc__)
+    p.add_argument("--quick", action="store_true", help="fewer layouts, SmolLM2 only: a few minutes")
+    p.add_argument("--llm", action="append", default=None,
+                   help="LLM preset, repeatable (default: qwen2-0.5b-shape and smollm2; --quick: smollm2)")
+    p.add_argument("--max-side", type=int, default=1536, help="long side of the FastViTHD input")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per stage (fewer when one run is long)")
+    p.add_argument("--no-peers", action="store_true", help="skip the transformers FastVLM / LLaVA-NeXT peers")
+    p.add_argument("--out", default="bench-results", help="directory for ttft.json and ttft.png")
+    p.set_defaults(run=lambda a: cmd_bench_ttft(a.quick, a.llm, a.max_side, a.threads, a.repeats, a.no_peers,
+                                                a.out))

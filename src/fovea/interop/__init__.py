@@ -1,0 +1,1 @@
+"""Checkpoint converters between fovea and transformers' VLM formats."""

@@ -1,0 +1,76 @@
+"""transformers' FastVLM (``FastVlmForConditionalGeneration``) <-> fovea's FastViTHD + MLP + LLM.
+
+The two hold the same modules under different names: the timm FastViT (fused, ``inference_mode``) as the vision
+tower, a two-layer GELU projector, and a causal LM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fovea.model import VLM
+
+# (fovea prefix, transformers FastVLM prefix)
+KEY_MAP = [
+    ("encoder.model.", "model.vision_tower.timm_model."),
+    ("connector.fc1.", "model.multi_modal_projector.linear_1."),
+    ("connector.fc2.", "model.multi_modal_projector.linear_2."),
+    ("lm.model.", "model.language_model."),
+    ("lm.lm_head.", "lm_head."),
+]
+
+
+def _rename(key: str, src: int, dst: int) -> str | None:
+    for pair in KEY_MAP:
+        if key.startswith(pair[src]):
+            return pair[dst] + key[len(pair[src]):]
+    return None
+
+
+def to_fastvlm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        new = _rename(key, 0, 1)
+        if new is None:
+            raise ValueError(f"fovea key {key!r} has no FastVLM counterpart")
+        out[new] = value
+    return out
+
+
+def from_fastvlm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        new = _rename(key, 1, 0)
+        if new is None:
+            raise ValueError(f"FastVLM key {key!r} has no fovea counterpart")
+        out[new] = value
+    return out
+
+
+def fastvlm_peer(model: VLM, *, image_token_id: int | None = None):
+    """A transformers ``FastVlmForConditionalGeneration`` with ``model``'s shapes and weights (the encoder must
+    be FastViTHD, fused with ``VLM.reparameterize_encoder``; the connector the MLP)."""
+    from transformers import FastVlmConfig, FastVlmForConditionalGeneration
+
+    if model.config.vision.name != "fastvithd" or model.config.connector.name != "mlp":
+        raise ValueError(f"a FastVLM peer needs fastvithd + mlp, got {model.config.vision.name} + "
+                         f"{model.config.connector.name}")
+    overrides = dict(model.config.vision.overrides)
+    if not overrides.get("inference_mode"):
+        raise ValueError("fuse the encoder first (VLM.reparameterize_encoder): FastVLM stores FastViTHD fused")
+    config = FastVlmConfig(
+        vision_config={"model_type": "timm_wrapper", "architecture": "fastvit_mci3", "do_pooling": False,
+                       "hidden_size": model.encoder.channels, "model_args": overrides},
+        text_config=model.lm.config.to_dict(),
+        image_token_index=image_token_id if image_token_id is not None else model.image_token_id,
+        projector_hidden_act="gelu", multimodal_projector_bias=True,
+        tie_word_embeddings=bool(model.lm.config.tie_word_embeddings),
+    )
+    peer = FastVlmForConditionalGeneration(config)
+    state = to_fastvlm_state(model.state_dict())
+    missing, unexpected = peer.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"FastVLM peer does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    peer.config.text_config._attn_implementation = "sdpa"
+    return peer.eval()

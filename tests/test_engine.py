@@ -1,0 +1,142 @@
+"""The engine's greedy tokens equal transformers' generate on each request alone, with the same weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from fovea import VLM
+from fovea.engine import Engine, EngineConfig, QueueFull, SamplingParams, stream
+
+
+def _request(i: int):
+    sizes = [(200, 130), (64, 256), (300, 300), (90, 60), (128, 128), (256, 64)]
+    texts = ["what is the total?", "read the first clause please", "x", "who signed?", "date", "number " * 6]
+    images = [Image.effect_noise(sizes[i % len(sizes)], 40 + 10 * i).convert("RGB")] if i % 3 != 2 else []
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": texts[i % len(texts)]}]
+    return [{"role": "user", "content": content}], images
+
+
+def _reference_tokens(model: VLM, reference_lm, messages, images, max_tokens: int) -> list[int]:
+    prompt = model.processor()(messages, images)
+    with torch.no_grad():
+        embeds = model.embed(prompt.input_ids, model.visual_tokens([p.pixels for p in prompt.images]))
+        out = reference_lm.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, len(embeds),
+                                    dtype=torch.long), max_new_tokens=max_tokens, do_sample=False)
+    return out[0].tolist()
+
+
+@pytest.mark.parametrize("connector", ["mlp", "qformer"])
+def test_concurrent_greedy_equals_generate_alone(connector):
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config("fastvithd", connector, lm="tiny-qwen2")).eval()
+    reference_lm = copy.deepcopy(model.lm)
+    reference_lm.set_attn_implementation("sdpa")
+    reference_lm.generation_config.eos_token_id = None  # run the full length so every token is compared
+    engine = Engine(model, EngineConfig(max_batch=4, max_len=512, step_tokens=48))
+    engine.eos_ids = set()
+    requests = [_request(i) for i in range(6)]
+    max_tokens = [16, 9, 16, 3, 12, 16]
+    handles = [engine.add_request(m, im, SamplingParams(max_tokens=n)) for (m, im), n in zip(requests, max_tokens,
+                                                                                             strict=True)]
+    assert len(handles) > engine.config.max_batch  # more requests than slots: some join while others decode
+    engine.run_until_done()
+    outputs = []
+    for h, (messages, images), n in zip(handles, requests, max_tokens, strict=True):
+        expected = _reference_tokens(model, reference_lm, messages, images, n)
+        assert h.tokens == expected, h.id
+        outputs.append(tuple(expected))
+        assert h.metrics.completion_tokens == n
+    assert engine.stats["steps"] > max(max_tokens)  # prefill was chunked (48-token budget) and interleaved
+    assert len(set(outputs)) == len(outputs) and all(len(set(o)) > 2 for o in outputs)  # not a degenerate model
+
+
+def test_text_only_smollm2_shape_matches_generate():
+    from fovea.config import LMConfig, VLMConfig
+
+    torch.manual_seed(0)
+    cfg = tiny_config("fastvit-mci0", "mlp")
+    cfg.lm = LMConfig(name="tiny-llama", overrides={"num_hidden_layers": 3, "initializer_range": 0.2})
+    model = VLM.from_config(VLMConfig.from_dict(cfg.to_dict())).eval()
+    reference_lm = copy.deepcopy(model.lm)
+    reference_lm.set_attn_implementation("sdpa")
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=256, step_tokens=16))
+    msgs = [[{"role": "user", "content": "hello there " * k}] for k in (1, 4, 9)]
+    results = engine.generate([(m, [], SamplingParams(max_tokens=10)) for m in msgs])
+    for m, r in zip(msgs, results, strict=True):
+        expected = _reference_tokens(model, reference_lm, m, [], 10)
+        assert r["token_ids"] == expected
+
+
+def test_encoder_cache_encodes_a_page_once():
+    model = VLM.from_config(tiny_config("fastvithd", "mlp")).eval()
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=256))
+    image = Image.effect_noise((200, 150), 50).convert("RGB")
+    msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}]
+    first = engine.add_request(msg, [image], SamplingParams(max_tokens=2))
+    second = engine.add_request(msg, [image.copy()], SamplingParams(max_tokens=2))
+    engine.run_until_done()
+    assert first.metrics.encoder_cache_hits == 0 and first.metrics.encode_ms > 0
+    assert second.metrics.encoder_cache_hits == 1 and second.metrics.encode_ms == 0
+    assert first.metrics.visual_tokens == second.metrics.visual_tokens == 12
+
+
+def test_sampling_streaming_stop_and_metrics():
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config("fastvithd", "perceiver")).eval()
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=256))
+    engine.eos_ids = set()
+    msg = [{"role": "user", "content": "hi"}]
+    a = engine.generate([(msg, [], SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7))])[0]
+    b = engine.generate([(msg, [], SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7))])[0]
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12  # a seed makes sampling reproducible
+    stop = engine.tokenizer.decode(a["token_ids"][3:5])
+    if stop.strip():
+        c = engine.generate([(msg, [], SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7,
+                                                      stop=[stop]))])[0]
+        assert c["finish_reason"] == "stop" and stop not in c["text"]
+    engine.start()
+    try:
+        handle = engine.add_request(msg, [], SamplingParams(max_tokens=5))
+        events = list(stream(handle, timeout=30))
+    finally:
+        engine.stop()
+    assert events[-1].finished and events[-1].finish_reason == "length"
+    m = events[-1].metrics
+    assert m.completion_tokens == 5 and m.ttft_ms > 0 and m.prompt_tokens > 0 and m.decode_tokens_per_s > 0
+
+
+def test_bad_requests_are_value_errors_and_the_queue_is_bounded():
+    model = VLM.from_config(tiny_config("fastvithd", "mlp")).eval()
+    engine = Engine(model, EngineConfig(max_batch=1, max_len=64, max_waiting=2))
+    msg = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match=r"prompt of \d+ tokens plus max_tokens 60 exceeds the context length of 64"):
+        engine.add_request(msg, [], SamplingParams(max_tokens=60))
+    with pytest.raises(ValueError, match="temperature must be between 0 and 5, got 9"):
+        SamplingParams(temperature=9)
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1, got 0"):
+        SamplingParams(max_tokens=0)
+    engine.add_request(msg, [], SamplingParams(max_tokens=2))
+    engine.add_request(msg, [], SamplingParams(max_tokens=2))
+    with pytest.raises(QueueFull):
+        engine.add_request(msg, [], SamplingParams(max_tokens=2))
+    engine.run_until_done()  # nothing accepted is lost
+    assert engine.stats["requests"] == 2 and not engine.has_work()
+
+
+def test_abort_frees_the_slot():
+    model = VLM.from_config(tiny_config("fastvithd", "mlp")).eval()
+    engine = Engine(model, EngineConfig(max_batch=1, max_len=256))
+    engine.eos_ids = set()
+    msg = [{"role": "user", "content": "hi"}]
+    long = engine.add_request(msg, [], SamplingParams(max_tokens=200))
+    engine.step()
+    engine.step()
+    engine.abort(long)
+    short = engine.add_request(msg, [], SamplingParams(max_tokens=3))
+    engine.run_until_done()
+    assert long.done and short.done and len(short.tokens) == 3 and engine.cache.free == [0]
