@@ -79,3 +79,22 @@ def test_ttft_bench_with_transformers_peers(tmp_path):
     assert "TTFT transformers FastVLM / fovea FastViTHD + MLP" in result["claims"]
     assert (tmp_path / "ttft.png").read_bytes()[:4] == b"\x89PNG"
     assert "transformers FastVlmForConditionalGeneration" in format_table(payload)
+
+
+def test_serve_bench_runs_every_mode(tmp_path):
+    from conftest import tiny_config
+
+    from fovea import VLM
+    from fovea.bench.serve import format_table, run_serve_bench
+
+    model = VLM.from_config(tiny_config("fastvit-mci0", "qformer")).eval()
+    payload = run_serve_bench(model=model, llm="tiny-llama", levels=(1, 3), requests=6, max_tokens=6, threads=2,
+                              out_dir=tmp_path, progress=lambda s: None)
+    for level in ("1", "3"):
+        for mode in ("fovea", "hf-one-at-a-time", "hf-padded-batch"):
+            r = payload["results"][level][mode]
+            assert r["requests"] == 6 and not r["errors"], (level, mode, r["errors"])
+            assert r["completion_tokens"] == sum(6 - (i % 3) for i in range(6))
+            assert 0 < r["ttft_p50_s"] <= r["ttft_p90_s"] <= r["ttft_p99_s"]
+    assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "fovea / hf-padded-batch throughput" in format_table(payload)

@@ -29,6 +29,69 @@ def cmd_fetch_llm(name: str, out: str | None, force: bool) -> int:
     return 0
 
 
+def _sampling(args: argparse.Namespace):
+    from fovea.engine import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+
+
+def cmd_ask(image: str, question: str, model: str | None, stream: bool, args: argparse.Namespace) -> int:
+    """Ask a question about an image; prints the answer and where the time went."""
+    from fovea.engine import Engine, EngineConfig
+    from fovea.engine import stream as stream_events
+    from fovea.loading import load_vlm
+
+    params = _sampling(args)
+    vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    engine = Engine(vlm, EngineConfig(max_batch=1, max_len=args.max_len))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    request = engine.add_request(messages, [image], params)
+    if stream:
+        engine.start()
+        try:
+            for event in stream_events(request):
+                print(event.text, end="", flush=True)
+                metrics = event.metrics
+        finally:
+            engine.stop()
+        print()
+    else:
+        engine.run_until_done()
+        from fovea.engine import collect
+
+        result = collect(request)
+        print(result["text"])
+        metrics = result["metrics"]
+    m = metrics
+    print(f"\n[{m.visual_tokens} visual / {m.prompt_tokens} prompt tokens] preprocess {m.preprocess_ms:.0f} ms, "
+          f"encode {m.encode_ms:.0f} ms, compress {m.compress_ms:.0f} ms, prefill {m.prefill_ms:.0f} ms, "
+          f"TTFT {m.ttft_ms:.0f} ms, decode {m.decode_tokens_per_s:.1f} tok/s, {m.completion_tokens} tokens",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_serve(model: str | None, host: str, port: int, args: argparse.Namespace) -> int:
+    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
+    import uvicorn
+
+    from fovea.engine import Engine, EngineConfig
+    from fovea.loading import load_vlm
+    from fovea.serve import create_app
+
+    vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, flush=True))
+    engine = Engine(vlm, EngineConfig(max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting))
+    engine.start()
+    app = create_app(engine, model_name=args.name, api_key=args.api_key, local_image_dir=args.allow_local_dir)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}, beyond this machine", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        engine.stop()
+    return 0
+
+
 def cmd_info() -> int:
     """List the registered encoders, connectors, LLM presets and VLM presets."""
     from fovea.config import PRESETS
@@ -59,6 +122,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="target directory (default: ~/.cache/fovea/<name>)")
     p.add_argument("--force", action="store_true", help="convert again even if the directory exists")
     p.set_defaults(run=lambda a: cmd_fetch_llm(a.name, a.out, a.force))
+
+    def add_model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None, help="fovea model directory or preset (default fastvithd-qformer-64)")
+        p.add_argument("--llm", default=None, help="LLM for a preset (default: smollm2 if fetched, else its shape)")
+        p.add_argument("--max-len", type=int, default=2048, help="context length per request (prompt + answer)")
+
+    def add_sampling_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+        p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+        p.add_argument("--seed", type=int, default=None, help="sampling seed")
+        p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+    p = sub.add_parser("ask", help=cmd_ask.__doc__, description=cmd_ask.__doc__)
+    p.add_argument("image", help="image file (PNG, JPEG, ...)")
+    p.add_argument("question", help="what to ask about it")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(run=lambda a: cmd_ask(a.image, a.question, a.model, a.stream, a))
+
+    p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port")
+    p.add_argument("--name", default="fovea", help="model name reported by /v1/models")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--allow-local-dir", default=None, help="allow image_url file paths inside this directory")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoding at once")
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
+    p.set_defaults(run=lambda a: cmd_serve(a.model, a.host, a.port, a))
 
     p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
     p.set_defaults(run=lambda a: cmd_info())

@@ -20,31 +20,22 @@ KEY_MAP = [
 ]
 
 
-def _rename(key: str, src: int, dst: int) -> str | None:
-    for pair in KEY_MAP:
-        if key.startswith(pair[src]):
-            return pair[dst] + key[len(pair[src]):]
-    return None
+def _convert(state: dict[str, torch.Tensor], src: int, dst: int, names: tuple[str, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        pair = next((p for p in KEY_MAP if key.startswith(p[src])), None)
+        if pair is None:
+            raise ValueError(f"{names[0]} key {key!r} has no {names[1]} counterpart")
+        out[pair[dst] + key[len(pair[src]):]] = value
+    return out
 
 
 def to_fastvlm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        new = _rename(key, 0, 1)
-        if new is None:
-            raise ValueError(f"fovea key {key!r} has no FastVLM counterpart")
-        out[new] = value
-    return out
+    return _convert(state, 0, 1, ("fovea", "FastVLM"))
 
 
 def from_fastvlm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        new = _rename(key, 1, 0)
-        if new is None:
-            raise ValueError(f"FastVLM key {key!r} has no fovea counterpart")
-        out[new] = value
-    return out
+    return _convert(state, 1, 0, ("FastVLM", "fovea"))
 
 
 def fastvlm_peer(model: VLM, *, image_token_id: int | None = None):

@@ -1,0 +1,35 @@
+"""Turning a user's model argument into a ready VLM: a saved directory, or a named preset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fovea.config import PRESETS, preset
+from fovea.lm import smollm2_dir
+from fovea.model import VLM
+
+DEFAULT_PRESET = "fastvithd-qformer-64"
+
+
+def default_llm() -> str:
+    """SmolLM2 when `fovea fetch-llm smollm2` has run, else a random model of its shape."""
+    return "smollm2" if (smollm2_dir() / "config.json").is_file() else "smollm2-135m-shape"
+
+
+def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Callable[[str], None] = print) -> VLM:
+    """``spec``: a fovea model directory, or a preset name (default ``fastvithd-qformer-64``) whose LLM is
+    ``llm`` (default: ``default_llm()``). The model comes back in eval mode with the encoder fused for inference."""
+    spec = spec or DEFAULT_PRESET
+    if Path(spec).is_dir():
+        progress(f"loading model from {spec} ...")
+        model = VLM.from_pretrained(spec)
+    elif spec in PRESETS:
+        config = preset(spec)
+        config.lm.name = llm or default_llm()
+        progress(f"building preset {spec!r} with LLM {config.lm.name!r} (vision and connector weights are random "
+                 "until you train or load them) ...")
+        model = VLM.from_config(config)
+    else:
+        raise ValueError(f"--model {spec!r} is neither a model directory nor a preset; presets: {sorted(PRESETS)}")
+    return model.eval().reparameterize_encoder()

@@ -1,0 +1,238 @@
+"""The HTTP server over loopback, driven by the official openai client and by raw HTTP for bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from conftest import tiny_config
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from fovea import VLM
+from fovea.engine import Engine, EngineConfig, SamplingParams
+from fovea.serve import create_app
+
+
+def _png(size=(160, 120), seed=1) -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise(size, 30 + seed).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _messages(question: str, image: bytes | None):
+    content = [{"type": "text", "text": question}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": _data_uri(image)}})
+    return [{"role": "user", "content": content}]
+
+
+QUESTIONS = [("What is the total?", 1), ("Who signed?", 2), ("Read clause 3.", None), ("Date?", 3)]
+
+
+def _model() -> VLM:
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config("fastvithd", "mlp"))
+    model.config.preprocess.max_pixels = 600 * 600
+    return model.eval()
+
+
+def _serve(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def live():
+    model = _model()
+    engine = Engine(model, EngineConfig(max_batch=8, max_len=512, max_waiting=128))
+    expected = {}
+    for question, seed in QUESTIONS:  # reference answers, computed by the engine directly before serving
+        image = [Image.open(io.BytesIO(_png(seed=seed)))] if seed else []
+        content = ([{"type": "image"}] if seed else []) + [{"type": "text", "text": question}]
+        out = engine.generate([([{"role": "user", "content": content}], image, SamplingParams(max_tokens=8))])[0]
+        expected[question] = out["text"]
+    engine.start()
+    server, thread, url = _serve(create_app(engine, model_name="tiny-fovea"))
+    yield url, engine, expected
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.stop()
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_client_plain_and_streaming(live):
+    url, _, expected = live
+    client = _client(url)
+    assert [m.id for m in client.models.list().data] == ["tiny-fovea"]
+    for question, seed in QUESTIONS:
+        image = _png(seed=seed) if seed else None
+        reply = client.chat.completions.create(model="tiny-fovea", messages=_messages(question, image), max_tokens=8)
+        assert reply.choices[0].message.content == expected[question]
+        assert reply.usage.completion_tokens <= 8 and reply.usage.prompt_tokens > 0
+        assert reply.usage.model_extra["visual_tokens"] == (12 if seed else 0)  # 160x120 -> 256x192 px, stride 64
+        chunks = list(client.chat.completions.create(model="tiny-fovea", messages=_messages(question, image),
+                                                     max_tokens=8, stream=True,
+                                                     stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == expected[question]
+        assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_sse_ends_with_done(live):
+    url, _, _ = live
+    body = {"messages": _messages("hi", None), "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]" and lines[0].startswith("data: {")
+
+
+def test_64_concurrent_requests_all_answered(live):
+    url, engine, expected = live
+    client = _client(url)
+
+    def ask(i: int):
+        question, seed = QUESTIONS[i % len(QUESTIONS)]
+        reply = client.chat.completions.create(messages=_messages(question, _png(seed=seed) if seed else None),
+                                               model="tiny-fovea", max_tokens=8)
+        return question, reply.choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        answers = list(pool.map(ask, range(64)))
+    assert len(answers) == 64
+    assert all(text == expected[q] for q, text in answers)
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    metrics = httpx.get(url + "/metrics").text
+    assert "fovea_queue_depth 0" in metrics and 'fovea_ttft_seconds_bucket{le="+Inf"}' in metrics
+    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+    assert int(values["fovea_requests_total"]) >= 64 and float(values["fovea_ttft_seconds_count"]) >= 64
+
+
+BAD = [
+    ("malformed JSON", b"{not json", 400, "malformed JSON"),
+    ("no messages", {"max_tokens": 3}, 400, "messages"),
+    ("empty messages", {"messages": []}, 400, "messages"),
+    ("empty content", {"messages": [{"role": "user", "content": ""}]}, 400, "content is empty"),
+    ("invalid base64", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not-base64"}}]}]}, 400, "invalid base64"),
+    ("not an image", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_uri(b"hello, not an image")}}]}]}, 400,
+     "not a recognised image format"),
+    ("too many pixels", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_uri(_png((700, 700)))}}]}]}, 400,
+     "exceeds the limit of 360,000 pixels"),
+    ("remote url", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, 400, "not fetched"),
+    ("prompt over context", {"messages": [{"role": "user", "content": "x" * 600}]}, 400,
+     "exceeds the context length of 512"),
+    ("unknown parameter", {"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}, 400,
+     "unknown parameter 'frobnicate'"),
+    ("temperature out of range", {"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, 400,
+     "temperature"),
+    ("max_tokens zero", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ("wrong model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-9"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(live, name, body, status, message):
+    url, _, expected = live
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+    ok = httpx.post(url + "/v1/chat/completions", json={"messages": _messages("Read clause 3.", None),
+                                                        "max_tokens": 8}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == expected["Read clause 3."]
+
+
+def test_client_disconnect_frees_its_slot(live):
+    url, engine, _ = live
+    engine_eos, engine.eos_ids = engine.eos_ids, set()
+    try:
+        body = {"messages": _messages("tell me everything", None), "max_tokens": 400, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"content": ""' not in line:
+                    break  # got a real token, now hang up
+        deadline = time.time() + 20
+        while engine.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert not engine.running and len(engine.cache.free) == engine.config.max_batch
+    finally:
+        engine.eos_ids = engine_eos
+
+
+def test_full_queue_is_429_with_retry_after_and_nothing_accepted_is_lost():
+    engine = Engine(_model(), EngineConfig(max_batch=1, max_len=256, max_waiting=1))  # not started yet
+    server, thread, url = _serve(create_app(engine, model_name="tiny-fovea", retry_after_s=2))
+    try:
+        results = {}
+
+        def first():
+            results["first"] = httpx.post(url + "/v1/chat/completions", timeout=60,
+                                          json={"messages": _messages("hi", None), "max_tokens": 3})
+
+        t = threading.Thread(target=first)
+        t.start()
+        deadline = time.time() + 20
+        while engine.queue_depth() < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        busy = httpx.post(url + "/v1/chat/completions", json={"messages": _messages("hi", None)}, timeout=60)
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "2"
+        assert "server busy" in busy.json()["error"]["message"]
+        engine.start()
+        t.join(timeout=60)
+        assert results["first"].status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.stop()
+
+
+def test_api_key_and_local_files(tmp_path):
+    engine = Engine(_model(), EngineConfig(max_batch=1, max_len=256))
+    engine.start()
+    (tmp_path / "page.png").write_bytes(_png())
+    app = create_app(engine, api_key="s3cret", local_image_dir=str(tmp_path))
+    try:
+        with TestClient(app) as client:
+            body = {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": str(tmp_path / "page.png")}},
+                {"type": "text", "text": "hi"}]}], "max_tokens": 2}
+            assert client.post("/v1/chat/completions", json=body).status_code == 401
+            auth = {"Authorization": "Bearer s3cret"}
+            assert client.post("/v1/chat/completions", json=body, headers=auth).status_code == 200
+            outside = {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}
+            r = client.post("/v1/chat/completions", json=outside, headers=auth)
+            assert r.status_code == 400 and "outside the allowed image directory" in r.json()["error"]["message"]
+            assert client.get("/health").status_code == 200  # health needs no key
+    finally:
+        engine.stop()
