@@ -76,7 +76,8 @@ def test_ttft_bench_with_transformers_peers(tmp_path):
     # Same weights, same pixels, same prompt: transformers' FastVLM picks the same first token as fovea.
     assert rows["transformers FastVlmForConditionalGeneration"]["same_first_token"] is True
     assert rows["transformers LlavaNextForConditionalGeneration"]["prompt_tokens"] > 0
-    assert "TTFT transformers FastVLM / fovea FastViTHD + MLP" in result["claims"]
+    assert "TTFT transformers FastVLM / fovea FastViTHD + MLP (both end to end)" in result["claims"]
+    assert rows["transformers FastVlmForConditionalGeneration"]["fovea_end_to_end_s"] > 0
     assert (tmp_path / "ttft.png").read_bytes()[:4] == b"\x89PNG"
     assert "transformers FastVlmForConditionalGeneration" in format_table(payload)
 

@@ -13,7 +13,7 @@ def _fovea(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_help_on_every_command():
     top = _fovea("--help")
     assert top.returncode == 0
-    for command in ("demo", "fetch-llm", "info"):
+    for command in ("demo", "fetch-llm", "info", "ask", "serve", "bench"):
         assert command in top.stdout
         sub = _fovea(command, "--help")
         assert sub.returncode == 0 and "usage: fovea " + command in sub.stdout
@@ -40,3 +40,22 @@ def test_bad_argument_is_a_clear_error():
     out = _fovea("demo", "--llm", "no-such-llm", "--max-side", "128")
     assert out.returncode == 2
     assert "unknown LLM preset 'no-such-llm'" in out.stderr
+
+
+def test_ask_prints_answer_and_timings(tmp_path):
+    import torch
+    from conftest import tiny_config
+    from PIL import Image
+
+    from fovea import VLM
+
+    torch.manual_seed(0)
+    VLM.from_config(tiny_config("fastvithd", "qformer")).save_pretrained(tmp_path / "model")
+    Image.effect_noise((300, 200), 60).convert("RGB").save(tmp_path / "page.png")
+    for extra in ([], ["--stream"]):
+        out = _fovea("ask", str(tmp_path / "page.png"), "What is the total?", "--model", str(tmp_path / "model"),
+                     "--max-tokens", "5", *extra)
+        assert out.returncode == 0, out.stderr
+        assert "[8 visual /" in out.stderr and "TTFT" in out.stderr and "encode" in out.stderr
+    missing = _fovea("ask", str(tmp_path / "nope.png"), "q", "--model", str(tmp_path / "model"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

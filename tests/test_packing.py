@@ -103,6 +103,9 @@ def test_a_cache_does_not_leak_across_packed_sequences():
         leaky = reference(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                           past_key_values=DynamicCache(config=reference.config), use_cache=True).logits[0]
         assert (leaky - alone).abs().max() > 1e-2  # the hazard is real in the unmodified path
+        # ...even without passing a cache: in eval mode transformers' default use_cache=True builds one itself
+        implicit = reference(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None]).logits[0]
+        assert (implicit - alone).abs().max() > 1e-2
         for backend in CPU_BACKENDS:
             use_backend(model, backend)
             got = model(input_ids=batch.input_ids[None], past_key_values=DynamicCache(config=model.config),

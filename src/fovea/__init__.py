@@ -1,7 +1,9 @@
 """fovea: fast vision-language models for high-resolution documents."""
 
 from fovea.config import ConnectorConfig, LMConfig, PreprocessConfig, VisionConfig, VLMConfig, preset
+from fovea.engine import Engine, EngineConfig, SamplingParams
 from fovea.model import VLM
 
 __version__ = "0.1.0"
-__all__ = ["VLM", "ConnectorConfig", "LMConfig", "PreprocessConfig", "VLMConfig", "VisionConfig", "preset"]
+__all__ = ["VLM", "ConnectorConfig", "Engine", "EngineConfig", "LMConfig", "PreprocessConfig", "SamplingParams",
+           "VLMConfig", "VisionConfig", "preset"]

@@ -28,12 +28,12 @@ def cmd_bench_encoder(quick: bool, threads: int | None, repeats: int, max_run_s:
 
 
 def cmd_bench_ttft(quick: bool, llm: list[str] | None, max_side: int, threads: int | None, repeats: int,
-                   no_peers: bool, out: str) -> int:
+                   no_peers: bool, only: str | None, out: str) -> int:
     """Time to first token by stage on a 2880x2160 page, beside transformers' FastVLM and LLaVA-NeXT."""
     from fovea.bench.ttft import format_table, run_ttft_bench
 
     payload = run_ttft_bench(llms=llm, quick=quick, max_side=max_side, threads=threads, repeats=repeats,
-                             peers=not no_peers, out_dir=out, progress=lambda s: print(s, flush=True))
+                             peers=not no_peers, only=only, out_dir=out, progress=lambda s: print(s, flush=True))
     print()
     print(format_table(payload))
     return 0
@@ -88,6 +88,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per stage (fewer when one run is long)")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers FastVLM / LLaVA-NeXT peers")
+    p.add_argument("--only", default=None, help="only layouts whose name contains this, e.g. 'MLP (FastVLM)'")
     p.add_argument("--out", default="bench-results", help="directory for ttft.json and ttft.png")
     p.set_defaults(run=lambda a: cmd_bench_ttft(a.quick, a.llm, a.max_side, a.threads, a.repeats, a.no_peers,
-                                                a.out))
+                                                a.only, a.out))

@@ -1,4 +1,4 @@
-"""`fovea demo`: what a 2880x2160 contract page costs through three VLM layouts, on bundled defaults.
+"""`fovea demo`: what a 2880x2160 contract page costs through four VLM layouts, on bundled defaults.
 
 The vision and connector weights are random: the demo measures cost (tokens and time), not answer quality.
 """
@@ -13,12 +13,11 @@ import torch
 
 from fovea.bench.common import describe, environment, setup_threads
 from fovea.bench.stages import StageTimes, first_token
-from fovea.config import CLIP_MEAN, CLIP_STD, ConnectorConfig, LMConfig, PreprocessConfig, VisionConfig, VLMConfig
-from fovea.connectors import build_connector
-from fovea.lm import build_lm, smollm2_dir
-from fovea.model import VLM
+from fovea.bench.ttft import Layout, build_layout_model
+from fovea.config import LMConfig, VisionConfig
+from fovea.lm import build_lm
+from fovea.loading import default_llm
 from fovea.train.synth import render_contract
-from fovea.vision import build_encoder
 
 
 @dataclass
@@ -29,13 +28,14 @@ class DemoRow:
     encoder_shared: bool  # the encoder output was reused from the row above (same encoder, same image)
 
 
-LAYOUTS = [
-    # (label, encoder, connector, budget)
-    ("ViT-L/14 AnyRes + MLP (LLaVA-NeXT)", "vit-l14-336-anyres", "mlp", 0),
-    ("FastViTHD + MLP (FastVLM)", "fastvithd", "mlp", 0),
-    ("FastViTHD + Perceiver, 256 tokens", "fastvithd", "perceiver", 256),
-    ("FastViTHD + Q-Former, 64 tokens", "fastvithd", "qformer", 64),
-]
+def demo_layouts(max_side: int) -> list[Layout]:
+    fast = VisionConfig(name="fastvithd")
+    return [
+        Layout("ViT-L/14 AnyRes + MLP (LLaVA-NeXT)", VisionConfig(name="vit-l14-336-anyres"), "mlp"),
+        Layout("FastViTHD + MLP (FastVLM)", fast, "mlp", max_side=max_side),
+        Layout("FastViTHD + Perceiver, 256 tokens", fast, "perceiver", 256, max_side=max_side),
+        Layout("FastViTHD + Q-Former, 64 tokens", fast, "qformer", 64, max_side=max_side),
+    ]
 
 
 def run_demo(
@@ -47,7 +47,7 @@ def run_demo(
     env = environment()
     torch.manual_seed(seed)
     if llm == "auto":
-        llm = "smollm2" if (smollm2_dir() / "config.json").is_file() else "smollm2-135m-shape"
+        llm = default_llm()
     progress(f"[demo] {describe(env)}")
     progress("[demo] rendering a 2880x2160 contract page ...")
     page = render_contract(2880, 2160, seed=seed).image
@@ -59,33 +59,21 @@ def run_demo(
     rows: list[DemoRow] = []
     encoders: dict[str, torch.nn.Module] = {}
     cached: dict[str, list[torch.Tensor]] = {}
-    for i, (label, enc_name, con_name, budget) in enumerate(LAYOUTS, start=1):
-        progress(f"[demo] {i}/{len(LAYOUTS)} {label}: building ...")
-        config = VLMConfig(
-            vision=VisionConfig(name=enc_name),
-            connector=ConnectorConfig(name=con_name, num_queries=budget or 256),
-            lm=LMConfig(name=llm),
-            preprocess=PreprocessConfig(max_side=max_side, upscale=True, mean=CLIP_MEAN, std=CLIP_STD),
-        )
-        if enc_name not in encoders:
-            encoders[enc_name] = build_encoder(config.vision).eval()
-        encoder = encoders[enc_name]
-        connector = build_connector(config.connector, in_channels=encoder.channels, out_dim=lm.config.hidden_size)
-        if config.image_token not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]},
-                                         replace_extra_special_tokens=False)
-            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        model = VLM(config, encoder=encoder, connector=connector.eval(), lm=lm, tokenizer=tokenizer).eval()
-        progress(f"[demo] {i}/{len(LAYOUTS)} {label}: running to the first token ...")
+    layouts = demo_layouts(max_side)
+    for i, layout in enumerate(layouts, start=1):
+        progress(f"[demo] {i}/{len(layouts)} {layout.label}: building ...")
+        key = repr(layout.vision)
+        model = build_layout_model(layout, lm, tokenizer, encoders)
+        progress(f"[demo] {i}/{len(layouts)} {layout.label}: running to the first token ...")
         start = time.perf_counter()
-        shared = enc_name in cached
-        times, _, feats = first_token(model, messages, [page], features=cached.get(enc_name))
+        shared = key in cached
+        times, _, feats = first_token(model, messages, [page], features=cached.get(key))
         if shared:
             times.encode_ms = rows[-1].times.encode_ms
-        cached[enc_name] = feats
+        cached[key] = feats
         size = model.processor().image_processor(page).pixels.shape[-2:]
-        rows.append(DemoRow(label, f"{size[0]}x{size[1]}", times, shared))
-        progress(f"[demo] {i}/{len(LAYOUTS)} done in {time.perf_counter() - start:.1f} s")
+        rows.append(DemoRow(layout.label, f"{size[0]}x{size[1]}", times, shared))
+        progress(f"[demo] {i}/{len(layouts)} done in {time.perf_counter() - start:.1f} s")
     return rows, {"env": env, "llm": llm, "max_side": max_side}
 
 
