@@ -75,6 +75,16 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def save_results(payload: dict[str, Any], out_dir: str | Path, name: str,
+                 chart: Callable[[dict[str, Any], Path], None], progress: Callable[[str], None]) -> dict[str, Any]:
+    """Write ``<name>.json`` and the ``<name>.png`` chart under ``out_dir``; returns the payload."""
+    out = Path(out_dir)
+    write_json(out / f"{name}.json", payload)
+    chart(payload, out / f"{name}.png")
+    progress(f"[bench {name}] wrote {out / (name + '.json')} and {out / (name + '.png')}")
+    return payload
+
+
 def save_figure(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

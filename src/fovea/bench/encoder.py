@@ -22,9 +22,9 @@ from fovea.bench.common import (
     pyplot,
     reset_peak_memory,
     save_figure,
+    save_results,
     setup_threads,
     time_adaptive,
-    write_json,
 )
 from fovea.config import VisionConfig
 from fovea.preprocess import grid_pinpoints
@@ -111,11 +111,7 @@ def run_encoder_bench(*, specs: list[EncoderSpec] | None = None, resolutions: li
         del encoder  # free it before the next one is built: peak memory is per encoder
     payload = {"benchmark": "encoder", "env": env, "rows": rows, "quick": quick,
                "ratios": ratios(rows), "command": "fovea bench encoder" + (" --quick" if quick else "")}
-    out = Path(out_dir)
-    write_json(out / "encoder.json", payload)
-    chart(payload, out / "encoder.png")
-    progress(f"[bench encoder] wrote {out / 'encoder.json'} and {out / 'encoder.png'}")
-    return payload
+    return save_results(payload, out_dir, "encoder", chart, progress)
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from fovea.attention import use_backend
-from fovea.bench.common import describe, environment, setup_threads, time_call, write_json
+from fovea.bench.common import (
+    describe,
+    environment,
+    pyplot,
+    save_figure,
+    save_results,
+    setup_threads,
+    time_call,
+)
 from fovea.config import LMConfig
 from fovea.lm import build_lm
 from fovea.packing import Sample, first_fit_decreasing, pack
@@ -126,11 +134,7 @@ def run_packing_bench(*, lm: str = "llama-6l-512", quick: bool = False, threads:
     }
     payload = {"benchmark": "packing", "env": env, "lm": lm, "quick": quick, "cases": cases,
                "command": _command(lm, quick, threads, repeats, out_dir)}
-    out = Path(out_dir)
-    write_json(out / "packing.json", payload)
-    chart(payload, out / "packing.png")
-    progress(f"[bench packing] wrote {out / 'packing.json'} and {out / 'packing.png'}")
-    return payload
+    return save_results(payload, out_dir, "packing", chart, progress)
 
 
 def _command(lm: str, quick: bool, threads: int | None, repeats: int, out_dir: str | Path) -> str:
@@ -161,11 +165,7 @@ def format_table(payload: dict[str, Any]) -> str:
 
 
 def chart(payload: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cases = payload["cases"]
     fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.5))
     for ax, (name, case) in zip(axes if len(cases) > 1 else [axes], cases.items(), strict=True):
@@ -184,7 +184,4 @@ def chart(payload: dict[str, Any], path: Path) -> None:
         ax.tick_params(axis="x", labelrotation=15)
     fig.suptitle(f"fovea bench packing ({payload['lm']}, {payload['env']['threads']} threads, "
                  f"{payload['env']['device']})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

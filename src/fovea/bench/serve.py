@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from fovea.bench.common import describe, environment, pyplot, save_figure, setup_threads, write_json
+from fovea.bench.common import describe, environment, pyplot, save_figure, save_results, setup_threads
 from fovea.config import CLIP_MEAN, CLIP_STD, ConnectorConfig, LMConfig, PreprocessConfig, VisionConfig, VLMConfig
 from fovea.engine import Engine, EngineConfig, SamplingParams
 from fovea.engine import stream as stream_events
@@ -235,11 +235,7 @@ def run_serve_bench(*, llm: str = "smollm2-135m-shape", levels: tuple[int, ...] 
     payload = {"benchmark": "serve", "env": env, "llm": llm, "requests": requests, "max_tokens": max_tokens,
                "levels": list(levels), "results": results, "ratios": ratios,
                "command": f"fovea bench serve --llm {llm} --requests {requests} --max-tokens {max_tokens}"}
-    out = Path(out_dir)
-    write_json(out / "serve.json", payload)
-    chart(payload, out / "serve.png")
-    progress(f"[bench serve] wrote {out / 'serve.json'} and {out / 'serve.png'}")
-    return payload
+    return save_results(payload, out_dir, "serve", chart, progress)
 
 
 def format_table(payload: dict[str, Any]) -> str:

@@ -25,10 +25,10 @@ from fovea.bench.common import (
     environment,
     pyplot,
     save_figure,
+    save_results,
     setup_threads,
     sync,
     time_adaptive,
-    write_json,
 )
 from fovea.config import (
     CLIP_MEAN,
@@ -290,11 +290,7 @@ def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_si
     payload = {"benchmark": "ttft", "env": env, "quick": quick, "max_side": max_side, "results": results,
                "page": f"{page_size[0]}x{page_size[1]}",
                "command": "fovea bench ttft" + (" --quick" if quick else "") + (f" --only {only!r}" if only else "")}
-    out = Path(out_dir)
-    write_json(out / "ttft.json", payload)
-    chart(payload, out / "ttft.png")
-    progress(f"[bench ttft] wrote {out / 'ttft.json'} and {out / 'ttft.png'}")
-    return payload
+    return save_results(payload, out_dir, "ttft", chart, progress)
 
 
 def claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
