@@ -111,7 +111,7 @@ def test_loading_a_mismatched_checkpoint_names_the_keys(tmp_path):
     expected = r"missing keys \['connector.fc2.bias'\].*unexpected keys \['connector.extra'\]"
     with pytest.raises(ValueError, match=expected):
         VLM.from_pretrained(tmp_path / "m")
-    with pytest.raises(ValueError, match="is not a fovea model directory"):
+    with pytest.raises(ValueError, match="is not a model directory"):
         VLM.from_pretrained(tmp_path)
 
 

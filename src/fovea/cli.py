@@ -92,12 +92,48 @@ def cmd_serve(model: str | None, host: str, port: int, args: argparse.Namespace)
     return 0
 
 
-def cmd_info() -> int:
-    """List the registered encoders, connectors, LLM presets and VLM presets."""
+def _summary(model) -> list[str]:
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    return [
+        f"encoder:    {cfg.vision.name}",
+        f"connector:  {cfg.connector.name}" + (f" ({cfg.connector.num_queries} tokens)"
+                                               if cfg.connector.name in ("perceiver", "qformer", "c_abstractor",
+                                                                         "avgpool") else ""),
+        f"LLM:        {model.lm.config.model_type}, {model.lm.config.num_hidden_layers} layers, width "
+        f"{model.lm.config.hidden_size}",
+        f"parameters: {total / 1e6:.1f} M",
+        f"images:     max side {cfg.preprocess.max_side} px, square canvas {cfg.preprocess.square}",
+        f"licence:    {cfg.license or 'not stated by the checkpoint'}",
+    ]
+
+
+def cmd_convert(src: str, dst: str) -> int:
+    """Convert a transformers checkpoint directory (FastVLM, LLaVA-1.5, LLaVA-NeXT) into a fovea model directory."""
+    from fovea import VLM
+    from fovea.interop import supported_model_types
+
+    print(f"reading {src} (fovea converts {', '.join(supported_model_types())}) ...", file=sys.stderr)
+    model = VLM.from_pretrained(src)
+    model.save_pretrained(dst)
+    print("\n".join(_summary(model)))
+    print(f"wrote {dst}")
+    return 0
+
+
+def cmd_info(model_dir: str | None = None) -> int:
+    """List the registered encoders, connectors, LLM presets and VLM presets; with a model directory, describe it
+    (including the licence its weights are under)."""
     from fovea.config import PRESETS
     from fovea.connectors import available_connectors
     from fovea.lm import LM_PRESETS
     from fovea.vision import available_encoders
+
+    if model_dir:
+        from fovea import VLM
+
+        print("\n".join(_summary(VLM.from_pretrained(model_dir))))
+        return 0
 
     print("encoders:   ", ", ".join(available_encoders()))
     print("connectors: ", ", ".join(available_connectors()))
@@ -156,7 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: cmd_serve(a.model, a.host, a.port, a))
 
     p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
-    p.set_defaults(run=lambda a: cmd_info())
+    p.add_argument("model", nargs="?", help="a fovea or transformers model directory to describe")
+    p.set_defaults(run=lambda a: cmd_info(a.model))
+
+    p = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
+    p.add_argument("src", help="directory written by transformers save_pretrained (with its tokenizer)")
+    p.add_argument("dst", help="output fovea model directory (written atomically)")
+    p.set_defaults(run=lambda a: cmd_convert(a.src, a.dst))
 
     from fovea.bench.cli import add_bench_parser
 

@@ -25,6 +25,8 @@ class PreprocessConfig:
     pad_value: float = 1.0  # padding colour in [0, 1] before normalisation; white suits documents
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # per-channel mean subtracted after scaling to [0, 1]
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)  # per-channel std divided after subtracting the mean
+    square: bool = False  # fit the image inside a max_side square canvas (LLaVA-1.5 "pad"): fixed-size encoders
+    pad_position: str = "end"  # padding goes at the "end" (bottom/right) or "center" (LLaVA-NeXT's unpad expects it)
 
 
 @dataclass
@@ -49,6 +51,10 @@ class ConnectorConfig:
     instruction_aware: bool = False  # Q-Former: instruction tokens join the self-attention (InstructBLIP)
     dropout: float = 0.0  # dropout inside the connector during training
     position_encoding: bool = True  # add a 2-D sin-cos code to image features (perceiver, qformer, c_abstractor)
+    image_norm: bool = True  # Q-Former: LayerNorm on image features first (off for BLIP-2 weights, whose ViT has it)
+    intermediate_size: int = 0  # Q-Former feed-forward width; 0 = 4 x its width
+    text_vocab_size: int = 0  # Q-Former: own instruction vocabulary (InstructBLIP); 0 = instructions use LLM embeds
+    max_text_positions: int = 512  # Q-Former with its own vocabulary: learned positions for instruction tokens
 
 
 @dataclass
@@ -70,6 +76,7 @@ class VLMConfig:
     freeze_vision: bool = True  # encoder parameters get requires_grad=False
     freeze_connector: bool = False  # connector parameters get requires_grad=False
     freeze_lm: bool = True  # LLM parameters get requires_grad=False
+    license: str | None = None  # licence of the weights this model came from, when the checkpoint states one
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ N visual tokens in a batch.
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from fovea.preprocess import ImageProcessor, Processor
 from fovea.vision import Encoder, build_encoder
 
 CONFIG_NAME, WEIGHTS_NAME, FORMAT_VERSION = "config.json", "model.safetensors", 1
+INSTRUCTION_TOKENIZER_DIR = "instruction_tokenizer"  # the Q-Former's own tokenizer, when it has one
 
 
 def _group_by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
@@ -34,10 +36,29 @@ def _group_by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple[int, ...], li
     return groups
 
 
+def image_layouts(
+    pixels: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]] | None
+) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
+    """Per image, (preprocessed size, original size): what ``VLM.compress`` needs to lay tokens out."""
+    if image_sizes is None:
+        return None
+    if len(image_sizes) != len(pixels):
+        raise ValueError(f"{len(image_sizes)} image sizes for {len(pixels)} images")
+    return [(tuple(p.shape[-2:]), tuple(int(v) for v in size)) for p, size in zip(pixels, image_sizes, strict=True)]
+
+
 class VLM(nn.Module):
-    def __init__(self, config: VLMConfig, *, encoder: Encoder, connector: Connector, lm: nn.Module, tokenizer: Any):
+    def __init__(
+        self, config: VLMConfig, *, encoder: Encoder, connector: Connector, lm: nn.Module, tokenizer: Any,
+        instruction_tokenizer: Any = None,
+    ):
         super().__init__()
         self.config, self.tokenizer = config, tokenizer
+        # A Q-Former with its own vocabulary (InstructBLIP) reads instructions tokenized by its own tokenizer.
+        self.instruction_tokenizer = instruction_tokenizer
+        if getattr(connector, "has_own_vocabulary", False) and instruction_tokenizer is None:
+            raise ValueError("this Q-Former has its own instruction vocabulary: pass its tokenizer as "
+                             "instruction_tokenizer")
         self.encoder, self.connector, self.lm = encoder, connector, lm
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         use_backend(lm, config.lm.attention)
@@ -47,9 +68,10 @@ class VLM(nn.Module):
 
     # ----- construction -----------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: VLMConfig) -> VLM:
+    def from_config(cls, config: VLMConfig, *, instruction_tokenizer: Any = None) -> VLM:
         """Build every part from its config: encoder and connector random (or encoder weights from a local file),
-        the LLM from its preset or directory; the image placeholder is added to the tokenizer if missing."""
+        the LLM from its preset or directory; the image placeholder is added to the tokenizer if missing.
+        ``instruction_tokenizer``: the tokenizer of a Q-Former with its own vocabulary (InstructBLIP's)."""
         lm, tokenizer = build_lm(config.lm)
         if config.image_token not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]},
@@ -58,7 +80,8 @@ class VLM(nn.Module):
             lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         encoder = build_encoder(config.vision)
         connector = build_connector(config.connector, in_channels=encoder.channels, out_dim=lm.config.hidden_size)
-        return cls(config, encoder=encoder, connector=connector, lm=lm, tokenizer=tokenizer)
+        return cls(config, encoder=encoder, connector=connector, lm=lm, tokenizer=tokenizer,
+                   instruction_tokenizer=instruction_tokenizer)
 
     def set_trainable(self, *, vision: bool, connector: bool, lm: bool) -> None:
         """The one freeze policy: which parts get gradients. Frozen parts also stay in eval mode (BatchNorm,
@@ -86,14 +109,17 @@ class VLM(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # ----- the one token-count function, shared with the processor ---------------------------------------------
-    def num_visual_tokens(self, height: int, width: int) -> int:
-        """Visual tokens the LLM receives for an image of ``height`` x ``width`` pixels after preprocessing."""
-        return self.connector.num_output_tokens(*self.encoder.grid(height, width))
+    def num_visual_tokens(self, height: int, width: int, original_size: tuple[int, int] | None = None) -> int:
+        """Visual tokens the LLM receives for an image preprocessed to ``height`` x ``width`` pixels, whose decoded
+        size was ``original_size`` (only LLaVA-NeXT's layout depends on it; default: the preprocessed size)."""
+        h, w = self.encoder.grid(height, width)
+        return self.connector.num_image_tokens(h, w, (height, width), original_size or (height, width))
 
     def processor(self) -> Processor:
         image_processor = ImageProcessor(encoder=self.encoder, cfg=self.config.preprocess)
         return Processor(tokenizer=self.tokenizer, image_processor=image_processor,
-                         num_visual_tokens=self.num_visual_tokens, image_token=self.config.image_token)
+                         num_visual_tokens=self.num_visual_tokens, image_token=self.config.image_token,
+                         instruction_tokenizer=self.instruction_tokenizer)
 
     # ----- stages -----------------------------------------------------------------------------------------------
     def encode(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -107,24 +133,42 @@ class VLM(nn.Module):
                 out[i] = feats[j]
         return out  # type: ignore[return-value]
 
-    def compress(self, features: Sequence[torch.Tensor], instructions: Sequence[torch.Tensor] | None = None):
-        """Visual tokens per image: [(C,h_i,w_i)] -> [(Q_i,D)], grouped by grid shape."""
+    def compress(
+        self,
+        features: Sequence[torch.Tensor],
+        instructions: Sequence[torch.Tensor] | None = None,
+        layouts: Sequence[tuple[tuple[int, int], tuple[int, int]]] | None = None,
+    ) -> list[torch.Tensor]:
+        """Visual tokens per image: [(C,h_i,w_i)] -> [(Q_i,D)], grouped by grid shape. ``layouts`` gives each
+        image's (preprocessed size, original size), needed by connectors whose layout depends on it."""
+        if self.connector.needs_image_size and (layouts is None or len(layouts) != len(features)):
+            raise ValueError(f"connector {self.config.connector.name!r} needs each image's preprocessed and original "
+                             "size: pass image_sizes (PreparedImage.original_size) with the pixels")
         out: list[torch.Tensor | None] = [None] * len(features)
-        for _, idx in _group_by_shape(features).items():
+        for grid, idx in _group_by_shape(features).items():
             feats = torch.stack([features[i] for i in idx]).to(self.connector_dtype)  # (b,C,h,w)
-            text, mask = None, None
+            text, mask, kw = None, None, {}
             if instructions and self.config.connector.instruction_aware:
-                text, mask = self._instruction_embeds([instructions[i] for i in idx])
-            tokens = self.connector(feats, tuple(feats.shape[-2:]), text, mask)  # (b,Q,D)
+                ids, mask = self._instruction_ids([instructions[i] for i in idx])  # (b,L)
+                if getattr(self.connector, "has_own_vocabulary", False):
+                    kw["text_ids"] = ids
+                else:
+                    text = self.lm.get_input_embeddings()(ids).to(self.connector_dtype)  # (b,L,D)
+            tokens = self.connector(feats, tuple(feats.shape[-2:]), text, mask, **kw)  # (b,Q,D)
             for j, i in enumerate(idx):
-                out[i] = tokens[j]
+                out[i] = self.connector.arrange(tokens[j], grid[-2:], *layouts[i]) if layouts else tokens[j]
         return out  # type: ignore[return-value]
 
-    def visual_tokens(self, pixels: Sequence[torch.Tensor], instructions: Sequence[torch.Tensor] | None = None):
-        """All images' visual tokens in prompt order: (N, D)."""
+    def visual_tokens(
+        self,
+        pixels: Sequence[torch.Tensor],
+        instructions: Sequence[torch.Tensor] | None = None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
+        """All images' visual tokens in prompt order: (N, D). ``image_sizes``: each image's original (h, w)."""
         if not pixels:
             return torch.empty(0, self.lm.config.hidden_size, device=self.device, dtype=self.lm.dtype)
-        return torch.cat(self.compress(self.encode(pixels), instructions), dim=0)
+        return torch.cat(self.compress(self.encode(pixels), instructions, image_layouts(pixels, image_sizes)), dim=0)
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """Text embeddings with the visual tokens scattered over the placeholders: (..., L) -> (..., L, D)."""
@@ -135,11 +179,13 @@ class VLM(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: Sequence[torch.Tensor] = (),
         instructions: Sequence[torch.Tensor] | None = None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
         **lm_kwargs: Any,
     ):
-        """``input_ids`` (B,L) with expanded placeholders; ``pixel_values`` the images in placeholder order;
-        ``lm_kwargs`` (labels, position_ids, attention_mask, past_key_values, packing metadata...) go to the LLM."""
-        visual = self.visual_tokens(pixel_values, instructions)  # (N,D)
+        """``input_ids`` (B,L) with expanded placeholders; ``pixel_values`` the images in placeholder order and
+        ``image_sizes`` their original (h, w); ``lm_kwargs`` (labels, position_ids, attention_mask,
+        past_key_values, packing metadata...) go to the LLM."""
+        visual = self.visual_tokens(pixel_values, instructions, image_sizes)  # (N,D)
         inputs_embeds = self.embed(input_ids, visual)  # (B,L,D)
         return self.lm(inputs_embeds=inputs_embeds, **lm_kwargs)
 
@@ -149,15 +195,15 @@ class VLM(nn.Module):
             raise ValueError(f"packed batches need a fovea attention backend, the LLM uses "
                              f"{self.lm.config._attn_implementation!r}; call fovea.attention.use_backend(model.lm)")
         return self(batch.input_ids[None].to(self.device), batch.images, batch.instructions or None,
-                    **batch.lm_kwargs(), **lm_kwargs)
+                    batch.image_sizes, **batch.lm_kwargs(), **lm_kwargs)
 
-    def _instruction_embeds(self, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _instruction_ids(self, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         longest = max(1, max(len(t) for t in ids))
         padded = torch.full((len(ids), longest), 0, dtype=torch.long, device=self.device)  # (b,L)
         mask = torch.zeros(len(ids), longest, dtype=torch.bool, device=self.device)
         for i, t in enumerate(ids):
             padded[i, : len(t)], mask[i, : len(t)] = t, True
-        return self.lm.get_input_embeddings()(padded).to(self.connector_dtype), mask
+        return padded, mask
 
     @property
     def device(self) -> torch.device:
@@ -184,6 +230,8 @@ class VLM(nn.Module):
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
         save_model(self, str(tmp / WEIGHTS_NAME))
         self.tokenizer.save_pretrained(tmp)
+        if self.instruction_tokenizer is not None:
+            self.instruction_tokenizer.save_pretrained(tmp / INSTRUCTION_TOKENIZER_DIR)
         if path.exists():
             import shutil
 
@@ -192,27 +240,68 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VLM:
-        """Load a directory written by ``save_pretrained``; every weight must match (strict)."""
-        from safetensors.torch import load_model
+        """Load a directory written by ``save_pretrained``, or one written by transformers'
+        ``save_pretrained`` for a supported model type (FastVLM, LLaVA, LLaVA-NeXT; see ``fovea.interop``), which
+        is converted on the fly. Every weight must match (strict); the checkpoint's licence is printed."""
+        from safetensors.torch import load_file
         from transformers import AutoTokenizer
 
         path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise ValueError(f"{str(path)!r} is not a fovea model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        if not (path / CONFIG_NAME).is_file():
+            raise ValueError(f"{str(path)!r} is not a model directory (it has no {CONFIG_NAME})")
         meta = json.loads((path / CONFIG_NAME).read_text())
-        if meta.get("format_version") != FORMAT_VERSION or "fovea" not in meta:
-            raise ValueError(f"{str(path / CONFIG_NAME)!r} is not a fovea config (format_version {FORMAT_VERSION})")
+        if "fovea" not in meta:
+            from fovea.interop import convert_checkpoint
+
+            return convert_checkpoint(path)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{str(path / CONFIG_NAME)!r} has format_version {meta.get('format_version')!r}; "
+                             f"this fovea reads {FORMAT_VERSION}")
+        if not (path / WEIGHTS_NAME).is_file():
+            raise ValueError(f"{str(path)!r} has no {WEIGHTS_NAME}")
         config = VLMConfig.from_dict(meta["fovea"])
         config.vision.weights = None  # the encoder's weights are in model.safetensors
         tokenizer = AutoTokenizer.from_pretrained(path)
-        lm = lm_from_config_dict(meta["lm_config"], config.lm.dtype)
+        extra = path / INSTRUCTION_TOKENIZER_DIR
+        instruction_tokenizer = AutoTokenizer.from_pretrained(extra) if extra.is_dir() else None
+        try:
+            state = load_file(str(path / WEIGHTS_NAME))
+        except Exception as err:
+            raise ValueError(f"cannot read {str(path / WEIGHTS_NAME)!r}: {err}") from None
+        return cls.assemble(config, meta["lm_config"], tokenizer, state, source=str(path),
+                            instruction_tokenizer=instruction_tokenizer)
+
+    @classmethod
+    def assemble(
+        cls, config: VLMConfig, lm_config: dict, tokenizer: Any, state: dict[str, torch.Tensor], *, source: str,
+        instruction_tokenizer: Any = None,
+    ) -> VLM:
+        """Build the parts from ``config`` (the LLM from its transformers config dict) and load ``state`` (fovea
+        keys) strictly: a missing or unexpected key, or a shape that differs, is a ValueError naming them."""
+        lm = lm_from_config_dict(lm_config, config.lm.dtype)
         encoder = build_encoder(config.vision)
         connector = build_connector(config.connector, in_channels=encoder.channels, out_dim=lm.config.hidden_size)
-        model = cls(config, encoder=encoder, connector=connector, lm=lm, tokenizer=tokenizer)
-        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {str(path)!r} does not match its config: missing keys {sorted(missing)[:8]}, "
-                f"unexpected keys {sorted(unexpected)[:8]}"
-            )
+        model = cls(config, encoder=encoder, connector=connector, lm=lm, tokenizer=tokenizer,
+                    instruction_tokenizer=instruction_tokenizer)
+        expected = model.state_dict()
+        tied: set[str] = set()
+        if getattr(lm.config, "tie_word_embeddings", False):
+            # Tied embeddings are stored once, under either name (safetensors keeps one of the two).
+            embed = next(f"lm.{n}" for n, p in lm.named_parameters() if p is lm.get_input_embeddings().weight)
+            tied = {"lm.lm_head.weight", embed}
+            if embed not in state and "lm.lm_head.weight" in state:
+                state = {**state, embed: state["lm.lm_head.weight"]}
+            tied.discard(embed)
+        missing = sorted(set(expected) - set(state) - tied)
+        unexpected = sorted(set(state) - set(expected))
+        shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(f"checkpoint {source!r} does not match its config: missing keys {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                             f"{' ...' if len(unexpected) > 8 else ''}, shape mismatches {shapes[:4]}")
+        model.load_state_dict(state, strict=False)
+        if config.license:
+            print(f"fovea: the weights in {source} are under the licence {config.license!r}; check its terms "
+                  "before use", file=sys.stderr)
         return model

@@ -5,10 +5,10 @@ from fovea.connectors import projection as _projection  # noqa: F401  (registers
 from fovea.connectors import resampler as _resampler  # noqa: F401  (registers perceiver, qformer)
 from fovea.connectors.abstractor import CAbstractor
 from fovea.connectors.base import Connector, available_connectors, budget_grid, build_connector, register_connector
-from fovea.connectors.projection import MLP, AvgPool, Linear
+from fovea.connectors.projection import MLP, AvgPool, Linear, LlavaNext
 from fovea.connectors.resampler import PerceiverResampler, QFormer
 
 __all__ = [
-    "MLP", "AvgPool", "CAbstractor", "Connector", "Linear", "PerceiverResampler", "QFormer",
+    "MLP", "AvgPool", "CAbstractor", "Connector", "Linear", "LlavaNext", "PerceiverResampler", "QFormer",
     "available_connectors", "budget_grid", "build_connector", "register_connector",
 ]

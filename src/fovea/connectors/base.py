@@ -34,6 +34,20 @@ class Connector(nn.Module):
     def num_output_tokens(self, h: int, w: int) -> int:
         raise NotImplementedError
 
+    # Connectors whose token layout depends on the image's original size (LLaVA-NeXT's unpadding) set this and
+    # override the two methods below; every other connector's tokens are final as ``forward`` returns them.
+    needs_image_size: bool = False
+
+    def num_image_tokens(self, h: int, w: int, canvas: tuple[int, int], original: tuple[int, int]) -> int:
+        """Tokens for one image whose ``original`` (height, width) was brought to a ``canvas`` of pixels."""
+        return self.num_output_tokens(h, w)
+
+    def arrange(
+        self, tokens: torch.Tensor, grid: tuple[int, int], canvas: tuple[int, int], original: tuple[int, int]
+    ) -> torch.Tensor:
+        """One image's ``forward`` output (Q,D) for an h x w ``grid`` -> the tokens the LLM reads (Q',D)."""
+        return tokens
+
 
 def check_features(features: torch.Tensor, channels: int, grid: tuple[int, int] | None) -> None:
     if features.ndim != 4 or features.shape[1] != channels:

@@ -5,6 +5,9 @@ Notation: B images, C channels, h x w grid, Q = qh*qw tokens, D LLM width.
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -64,6 +67,64 @@ class AvgPool(Connector):
         return self.grid[0] * self.grid[1]
 
 
+class LlavaNext(MLP):
+    """LLaVA-NeXT: the MLP per cell, then its AnyRes arrangement. The encoder (``vit-l14-336-anyres``) lays the
+    crops' g x g grids side by side with the base view last; the LLM reads the base view first, then the crops
+    stitched into one (rows*g, cols*g) grid with the rows and columns that only saw centred padding removed, and a
+    learned newline token closing every row."""
+
+    needs_image_size = True
+
+    def __init__(self, *, in_channels: int, hidden: int, out_dim: int) -> None:
+        super().__init__(in_channels=in_channels, hidden=hidden, out_dim=out_dim)
+        self.image_newline = nn.Parameter(torch.randn(out_dim) / math.sqrt(out_dim))
+
+    @staticmethod
+    def _tiles(h: int, w: int, canvas: tuple[int, int]) -> tuple[int, int]:
+        views = w // h  # crops + the base view, each g x g with g = h
+        n = views - 1
+        rows = round(math.sqrt(n * canvas[0] / canvas[1]))  # canvas H/W = rows/cols and rows*cols = n
+        if n == 0:
+            return 0, 0
+        if h * views != w or rows < 1 or n % rows:
+            raise ValueError(f"grid {h}x{w} on a {canvas[0]}x{canvas[1]} canvas is not an AnyRes tile layout")
+        return rows, n // rows
+
+    @staticmethod
+    def _unpadded(height: int, width: int, original: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) of the content inside a centred-padded height x width grid, computed as
+        LLaVA-NeXT does (rounded to 7 decimals, symmetric crop)."""
+        oh, ow = original
+        if ow / oh > width / height:
+            new = int(round(oh * (width / ow), 7))
+            pad = (height - new) // 2
+            return pad, height - pad, 0, width
+        new = int(round(ow * (height / oh), 7))
+        pad = (width - new) // 2
+        return 0, height, pad, width - pad
+
+    def num_image_tokens(self, h, w, canvas, original):
+        rows, cols = self._tiles(h, w, canvas)
+        if rows == 0:  # the base view alone, closed by one newline
+            return h * h + 1
+        top, bottom, left, right = self._unpadded(rows * h, cols * h, original)
+        return h * h + (bottom - top) * (right - left + 1)
+
+    def arrange(self, tokens, grid, canvas, original):
+        g = grid[0]
+        rows, cols = self._tiles(*grid, canvas)
+        d = tokens.shape[-1]
+        if rows == 0:
+            return torch.cat([tokens, self.image_newline.to(tokens.dtype)[None]])  # (g*g+1,D)
+        views = tokens.view(g, rows * cols + 1, g, d).transpose(0, 1)  # (g,(n+1)*g,D) -> (n+1,g,g,D)
+        base = views[-1].reshape(g * g, d)  # (g*g,D)
+        crops = views[:-1].reshape(rows, cols, g, g, d).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, d)
+        top, bottom, left, right = self._unpadded(rows * g, cols * g, original)
+        crops = crops[top:bottom, left:right]  # (h',w',D)
+        newline = self.image_newline.to(crops.dtype).expand(crops.shape[0], 1, d)  # (h',1,D)
+        return torch.cat([base, torch.cat([crops, newline], dim=1).reshape(-1, d)])  # (g*g + h'*(w'+1), D)
+
+
 def _hidden(cfg: ConnectorConfig, out_dim: int) -> int:
     return cfg.hidden_size or out_dim
 
@@ -76,6 +137,11 @@ def linear(cfg: ConnectorConfig, in_channels: int, out_dim: int) -> Connector:
 @register_connector("mlp")
 def mlp(cfg: ConnectorConfig, in_channels: int, out_dim: int) -> Connector:
     return MLP(in_channels=in_channels, hidden=_hidden(cfg, out_dim), out_dim=out_dim)
+
+
+@register_connector("llava_next")
+def llava_next(cfg: ConnectorConfig, in_channels: int, out_dim: int) -> Connector:
+    return LlavaNext(in_channels=in_channels, hidden=_hidden(cfg, out_dim), out_dim=out_dim)
 
 
 @register_connector("avgpool")

@@ -123,69 +123,132 @@ class QFormerLayer(nn.Module):
     """Self-attention over [queries; instruction], cross-attention (queries only) to the image when ``cross``,
     then separate feed-forward blocks for queries and instruction tokens (BLIP-2)."""
 
-    def __init__(self, *, dim: int, image_dim: int, heads: int, cross: bool, dropout: float) -> None:
+    def __init__(
+        self, *, dim: int, image_dim: int, heads: int, cross: bool, text: bool, hidden: int, dropout: float
+    ) -> None:
         super().__init__()
         self.attention = QFormerAttention(dim=dim, kv_dim=dim, heads=heads, dropout=dropout)
         self.crossattention = (
             QFormerAttention(dim=dim, kv_dim=image_dim, heads=heads, dropout=dropout) if cross else None
         )
-        self.ffn_query = QFormerFFN(dim=dim, hidden=4 * dim)
-        self.ffn_text = QFormerFFN(dim=dim, hidden=4 * dim)
+        self.ffn_query = QFormerFFN(dim=dim, hidden=hidden)
+        self.ffn_text = QFormerFFN(dim=dim, hidden=hidden) if text else None  # BLIP-2 has none: queries only
 
     def forward(self, x: torch.Tensor, image: torch.Tensor, num_queries: int, mask: torch.Tensor | None):
         x = self.attention(x, x, mask)  # (B,Q+L,E)
         queries, text = x[:, :num_queries], x[:, num_queries:]  # (B,Q,E), (B,L,E)
         if self.crossattention is not None:
             queries = self.crossattention(queries, image)  # (B,Q,E) attends to (B,N,C)
+        if self.ffn_text is None or text.shape[1] == 0:
+            return self.ffn_query(queries)
         return torch.cat([self.ffn_query(queries), self.ffn_text(text)], dim=1)
 
 
 class QFormer(Connector):
     """BLIP-2 Q-Former: Q learned queries, self-attention every layer, cross-attention to the image every
     ``cross_attention_every`` layers; with ``instruction_aware`` the instruction joins the self-attention
-    (InstructBLIP). The query outputs are projected to the LLM width: (B,Q,D)."""
+    (InstructBLIP), either as LLM embeddings through ``text_proj`` or, with ``text_vocab_size``, as ids in the
+    Q-Former's own vocabulary (InstructBLIP's BERT embeddings). The query outputs are projected to the LLM width:
+    (B,Q,D). Parameter names follow transformers' BLIP-2 so ``fovea.interop.blip2`` loads its weights."""
 
     def __init__(
         self, *, in_channels: int, out_dim: int, num_queries: int, dim: int, num_layers: int, heads: int,
         cross_attention_every: int = 2, instruction_aware: bool = False, text_dim: int | None = None,
-        dropout: float = 0.0, position_encoding: bool = True,
+        dropout: float = 0.0, position_encoding: bool = True, image_norm: bool = True, intermediate_size: int = 0,
+        text_vocab_size: int = 0, max_text_positions: int = 512, image_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"Q-Former width {dim} is not divisible by its {heads} heads")
         if cross_attention_every < 1:
             raise ValueError(f"cross_attention_every must be >= 1, got {cross_attention_every}")
+        if text_vocab_size and not instruction_aware:
+            raise ValueError("a Q-Former vocabulary (text_vocab_size) only serves instruction_aware Q-Formers")
         self.in_channels, self.num_queries, self.position_encoding = in_channels, num_queries, position_encoding
-        self.instruction_aware = instruction_aware
-        self.image_norm = nn.LayerNorm(in_channels)
+        self.instruction_aware, self.max_text_positions = instruction_aware, max_text_positions
+        self.image_norm = nn.LayerNorm(in_channels, eps=image_norm_eps) if image_norm else nn.Identity()
         self.query_tokens = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
-        self.text_proj = nn.Linear(text_dim or out_dim, dim) if instruction_aware else None
+        own_vocab = instruction_aware and text_vocab_size > 0
+        self.text_proj = nn.Linear(text_dim or out_dim, dim) if instruction_aware and not own_vocab else None
+        self.word_embeddings = nn.Embedding(text_vocab_size, dim) if own_vocab else None
+        self.position_embeddings = nn.Embedding(max_text_positions, dim) if own_vocab else None
         self.layernorm = nn.LayerNorm(dim, eps=1e-12)
         self.layers = nn.ModuleList(
             QFormerLayer(dim=dim, image_dim=in_channels, heads=heads, cross=i % cross_attention_every == 0,
-                         dropout=dropout)
+                         text=instruction_aware, hidden=intermediate_size or 4 * dim, dropout=dropout)
             for i in range(num_layers)
         )
         self.proj_out = nn.Linear(dim, out_dim)
 
-    def forward(self, features, grid=None, text_embeds=None, text_mask=None):
+    @property
+    def has_own_vocabulary(self) -> bool:
+        return self.word_embeddings is not None
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> QFormer:
+        """A Q-Former with the weights of a transformers BLIP-2 / InstructBLIP checkpoint directory (see
+        ``fovea.interop.blip2.load_qformer`` for the arguments)."""
+        from fovea.interop.blip2 import load_qformer
+
+        return load_qformer(path, **kwargs)
+
+    def load_blip2(self, path: str, *, skip_mismatched: bool = False):
+        """Load a BLIP-2 / InstructBLIP checkpoint's Q-Former weights into this Q-Former, e.g. to start a bridge
+        for another encoder from BLIP-2's; ``skip_mismatched`` keeps this module's own tensors where shapes differ
+        (cross-attention keys and values for another encoder width, the projection for another LLM) and reports
+        them. Returns a ``fovea.interop.blip2.LoadReport``."""
+        from fovea.interop.blip2 import load_blip2_into
+
+        return load_blip2_into(self, path, skip_mismatched=skip_mismatched)
+
+    def forward(self, features, grid=None, text_embeds=None, text_mask=None, text_ids=None):
+        """``text_embeds`` (B,L,D) LLM embeddings of the instruction, or ``text_ids`` (B,L) in the Q-Former's own
+        vocabulary; ``text_mask`` (B,L) marks real tokens."""
+        return self.proj_out(self.query_states(features, grid, text_embeds, text_mask, text_ids))  # (B,Q,D)
+
+    def query_states(self, features, grid=None, text_embeds=None, text_mask=None, text_ids=None) -> torch.Tensor:
+        """The queries' last hidden states before the LLM projection, (B,Q,E): BLIP-2's ``query_output``."""
         check_features(features, self.in_channels, grid)
         b = features.shape[0]
         image = self.image_norm(_image_tokens(features, self.position_encoding))  # (B,N,C)
         x = self.query_tokens.expand(b, -1, -1)  # (B,Q,E)
+        text = self._text(b, text_embeds, text_ids)  # (B,L,E) or None
         mask = None
-        if self.instruction_aware and text_embeds is not None:
-            if text_embeds.ndim != 3 or text_embeds.shape[0] != b:
-                raise ValueError(f"instruction embeddings must be (B={b}, L, D), got {tuple(text_embeds.shape)}")
-            x = torch.cat([x, self.text_proj(text_embeds)], dim=1)  # (B,Q+L,E)
+        if text is not None:
+            x = torch.cat([x, text], dim=1)  # (B,Q+L,E)
             if text_mask is not None:
                 keep = torch.cat([torch.ones(b, self.num_queries, dtype=torch.bool, device=x.device),
-                                  text_mask.to(torch.bool)], dim=1)  # (B,Q+L)
+                                  text_mask.to(device=x.device, dtype=torch.bool)], dim=1)  # (B,Q+L)
                 mask = keep[:, None, None, :]  # (B,1,1,Q+L): padded instruction tokens are never attended to
         x = self.layernorm(x)
         for layer in self.layers:
             x = layer(x, image, self.num_queries, mask)
-        return self.proj_out(x[:, : self.num_queries])  # (B,Q,E) -> (B,Q,D)
+        return x[:, : self.num_queries]  # (B,Q+L,E) -> (B,Q,E)
+
+    def _text(self, b: int, text_embeds: torch.Tensor | None, text_ids: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.instruction_aware:
+            return None
+        if self.has_own_vocabulary:
+            if text_ids is None:
+                if text_embeds is not None:
+                    raise ValueError("this Q-Former reads instructions as ids in its own vocabulary: pass text_ids "
+                                     "(from its own tokenizer), not LLM embeddings")
+                return None
+            if text_ids.ndim != 2 or text_ids.shape[0] != b:
+                raise ValueError(f"instruction ids must be (B={b}, L), got {tuple(text_ids.shape)}")
+            length = text_ids.shape[1]
+            if length > self.max_text_positions:
+                raise ValueError(f"instruction has {length} tokens, over the Q-Former's {self.max_text_positions}")
+            vocab = self.word_embeddings.num_embeddings
+            if text_ids.numel() and (int(text_ids.max()) >= vocab or int(text_ids.min()) < 0):
+                raise ValueError(f"instruction ids must lie in [0, {vocab})")
+            positions = torch.arange(length, device=text_ids.device)
+            return self.word_embeddings(text_ids) + self.position_embeddings(positions)  # (B,L,E)
+        if text_embeds is None:
+            return None
+        if text_embeds.ndim != 3 or text_embeds.shape[0] != b:
+            raise ValueError(f"instruction embeddings must be (B={b}, L, D), got {tuple(text_embeds.shape)}")
+        return self.text_proj(text_embeds)  # (B,L,D) -> (B,L,E)
 
     def num_output_tokens(self, h: int, w: int) -> int:
         return self.num_queries
@@ -210,5 +273,6 @@ def qformer(cfg: ConnectorConfig, in_channels: int, out_dim: int) -> Connector:
         in_channels=in_channels, out_dim=out_dim, num_queries=cfg.num_queries, dim=_width(cfg, out_dim),
         num_layers=cfg.num_layers, heads=cfg.num_heads, cross_attention_every=cfg.cross_attention_every,
         instruction_aware=cfg.instruction_aware, text_dim=out_dim, dropout=cfg.dropout,
-        position_encoding=cfg.position_encoding,
+        position_encoding=cfg.position_encoding, image_norm=cfg.image_norm, intermediate_size=cfg.intermediate_size,
+        text_vocab_size=cfg.text_vocab_size, max_text_positions=cfg.max_text_positions,
     )

@@ -162,6 +162,7 @@ class Engine:
         keys, missing = [], []
         for i, img in enumerate(prompt.images):
             h = hashlib.sha256(img.pixels.numpy().tobytes())
+            h.update(repr(img.original_size).encode())  # LLaVA-NeXT's token layout depends on it
             if aware:
                 h.update(prompt.instructions[i].numpy().tobytes())
             keys.append(h.hexdigest())
@@ -172,7 +173,8 @@ class Engine:
             t0 = time.perf_counter()
             feats = model.encode([prompt.images[i].pixels for i in missing])
             t1 = time.perf_counter()
-            tokens = model.compress(feats, [prompt.instructions[i] for i in missing] if aware else None)
+            layouts = [(tuple(prompt.images[i].pixels.shape[-2:]), prompt.images[i].original_size) for i in missing]
+            tokens = model.compress(feats, [prompt.instructions[i] for i in missing] if aware else None, layouts)
             t2 = time.perf_counter()
             metrics.encode_ms, metrics.compress_ms = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
             for i, tok in zip(missing, tokens, strict=True):

@@ -1,1 +1,48 @@
-"""Checkpoint converters between fovea and transformers' VLM formats."""
+"""Loading checkpoints written by transformers: one converter per ``model_type``, one contract.
+
+A converter reads a local directory and returns a ready ``fovea.VLM`` whose encoder, connector and LLM hold the
+checkpoint's weights (strict: a missing, unexpected or misshapen key is a ValueError naming it), with the
+checkpoint's image preprocessing, tokenizer, chat template and licence. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fovea.interop.common import read_config
+
+Converter = Callable[[Path, dict], "object"]
+_CONVERTERS: dict[str, Converter] = {}
+
+
+def register_converter(*model_types: str) -> Callable[[Converter], Converter]:
+    def wrap(fn: Converter) -> Converter:
+        for name in model_types:
+            if name in _CONVERTERS:
+                raise ValueError(f"a converter for {name!r} is already registered")
+            _CONVERTERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_CONVERTERS)
+
+
+def convert_checkpoint(path: str | Path):
+    """A transformers checkpoint directory -> ``fovea.VLM``."""
+    path = Path(path)
+    config = read_config(path)
+    kind = config.get("model_type")
+    if kind not in _CONVERTERS:
+        raise ValueError(f"{str(path)!r} holds a {kind!r} checkpoint; fovea converts {supported_model_types()} "
+                         "and its own directories")
+    return _CONVERTERS[kind](path, config)
+
+
+from fovea.interop import fastvlm as _fastvlm  # noqa: E402,F401  (registers fast_vlm)
+from fovea.interop import llava as _llava  # noqa: E402,F401  (registers llava, llava_next)
+
+__all__ = ["convert_checkpoint", "register_converter", "supported_model_types"]

@@ -6,8 +6,13 @@ tower, a two-layer GELU projector, and a causal LM.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from fovea.config import ConnectorConfig, LMConfig, VisionConfig, VLMConfig
+from fovea.interop import register_converter
+from fovea.interop.common import load_tokenizer, preprocess_config, read_image_processor, read_license, read_state
 from fovea.model import VLM
 
 # (fovea prefix, transformers FastVLM prefix)
@@ -25,7 +30,7 @@ def _convert(state: dict[str, torch.Tensor], src: int, dst: int, names: tuple[st
     for key, value in state.items():
         pair = next((p for p in KEY_MAP if key.startswith(p[src])), None)
         if pair is None:
-            raise ValueError(f"{names[0]} key {key!r} has no {names[1]} counterpart")
+            raise ValueError(f"{names[0]} checkpoint key {key!r} has no {names[1]} counterpart (unexpected key)")
         out[pair[dst] + key[len(pair[src]):]] = value
     return out
 
@@ -65,3 +70,26 @@ def fastvlm_peer(model: VLM, *, image_token_id: int | None = None):
         raise ValueError(f"FastVLM peer does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
     peer.config.text_config._attn_implementation = "sdpa"
     return peer.eval()
+
+
+@register_converter("fast_vlm")
+def convert_fastvlm(path: Path, config: dict) -> VLM:
+    """A directory written by ``FastVlmForConditionalGeneration.save_pretrained`` -> fovea's FastViTHD + MLP."""
+    vision, text = dict(config.get("vision_config") or {}), dict(config.get("text_config") or {})
+    arch = vision.get("architecture", "fastvit_mci3")
+    if arch != "fastvit_mci3":
+        raise ValueError(f"FastVLM vision tower {arch!r} is not supported (fastvit_mci3, FastViTHD)")
+    if config.get("projector_hidden_act", "gelu") != "gelu" or not config.get("multimodal_projector_bias", True):
+        raise ValueError("FastVLM projector must be gelu with biases")
+    overrides = dict(vision.get("model_args") or {})
+    image_token_id = int(config.get("image_token_index", config.get("image_token_id", 151646)))
+    tokenizer, image_token = load_tokenizer(path, image_token_id)
+    # FastVLM feeds [0, 1] pixels (no normalisation) at 1024 px, padded to a square as it was trained.
+    pre = preprocess_config(read_image_processor(path), side=1024, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                            square=True, pad_position="center")
+    fovea_config = VLMConfig(
+        vision=VisionConfig(name="fastvithd", overrides=overrides), connector=ConnectorConfig(name="mlp"),
+        lm=LMConfig(name="local", path=str(path)), preprocess=pre, image_token=image_token,
+        license=read_license(path),
+    )
+    return VLM.assemble(fovea_config, text, tokenizer, from_fastvlm_state(read_state(path)), source=str(path))

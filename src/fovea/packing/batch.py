@@ -23,6 +23,7 @@ class Sample:
     images: list[torch.Tensor] = field(default_factory=list)  # (3,H,W) per image, in placeholder order
     instructions: list[torch.Tensor] = field(default_factory=list)  # per image, instruction ids (Q-Former)
     visual_tokens: list[int] = field(default_factory=list)  # per image, its placeholder count (adjacent images)
+    image_sizes: list[tuple[int, int]] | None = None  # per image, original (h, w); LLaVA-NeXT's layout needs it
     id: Any = None  # the record's id, for error messages
 
     def __len__(self) -> int:
@@ -38,6 +39,7 @@ class PackedBatch:
     labels: torch.Tensor | None = None  # (T,) IGNORE_INDEX on prompt, image and each sequence's first position
     images: list[torch.Tensor] = field(default_factory=list)  # every image, in stream order
     instructions: list[torch.Tensor] = field(default_factory=list)  # per image instruction ids
+    image_sizes: list[tuple[int, int]] | None = None  # per image original (h, w), when every sample gave them
     image_spans: list[tuple[int, int]] = field(default_factory=list)  # (start, length) of each image's tokens
     ids: list[Any] = field(default_factory=list)  # sample ids, in stream order
     inputs_embeds: torch.Tensor | None = None  # (T,D) when the caller embedded the stream already
@@ -115,6 +117,8 @@ def pack(samples: Sequence[Sample], *, image_token_id: int | None = None, capaci
     return PackedBatch(
         input_ids=input_ids, position_ids=position_ids, cu_seqlens=cu, max_seqlen=max(lengths), labels=labels,
         images=[i for s in samples for i in s.images], instructions=[i for s in samples for i in s.instructions],
+        image_sizes=None if any(s.image_sizes is None for s in samples if s.images) else
+        [size for s in samples for size in (s.image_sizes or [])],
         image_spans=spans, ids=[s.id for s in samples],
     )
 

@@ -84,13 +84,18 @@ def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
 
 
 def to_tensor(image: Image.Image, *, content: tuple[int, int], size: tuple[int, int], cfg: PreprocessConfig):
-    """Resize ``image`` to ``content`` (h, w), pad bottom/right to ``size`` (H, W), normalise: (3, H, W) float32."""
+    """Resize ``image`` to ``content`` (h, w), pad to ``size`` (H, W) at the end (bottom/right) or centred, as
+    ``cfg.pad_position`` says, normalise: (3, H, W) float32."""
     ch, cw = content
     height, width = size
     if (image.height, image.width) != (ch, cw):
         image = image.resize((cw, ch), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0  # (3,h,w)
-    pixels = F.pad(pixels, (0, width - cw, 0, height - ch), value=cfg.pad_value)  # (3,h,w) -> (3,H,W)
+    if cfg.pad_position not in ("end", "center"):
+        raise ValueError(f"pad_position must be 'end' or 'center', got {cfg.pad_position!r}")
+    top, left = ((height - ch) // 2, (width - cw) // 2) if cfg.pad_position == "center" else (0, 0)
+    pad = (left, width - cw - left, top, height - ch - top)
+    pixels = F.pad(pixels, pad, value=cfg.pad_value)  # (3,h,w) -> (3,H,W)
     mean = torch.tensor(cfg.mean).view(3, 1, 1)
     std = torch.tensor(cfg.std).view(3, 1, 1)
     return (pixels - mean) / std

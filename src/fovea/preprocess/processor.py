@@ -31,9 +31,16 @@ class ImageProcessor:
 
     def __call__(self, image: Any) -> PreparedImage:
         img = load_image(image, max_pixels=self.cfg.max_pixels)
-        args = (img.height, img.width, self.cfg.max_side, self.cfg.upscale)
-        content = self.encoder.resized_content(*args)
-        size = self.encoder.input_size(*args)
+        if self.cfg.square:
+            # The whole image fits inside one max_side square canvas: fixed-size encoders see their native size.
+            side = self.encoder.input_size(self.cfg.max_side, self.cfg.max_side, self.cfg.max_side, True)[0]
+            scale = side / max(img.height, img.width)
+            content = (min(side, max(1, round(img.height * scale))), min(side, max(1, round(img.width * scale))))
+            size = (side, side)
+        else:
+            args = (img.height, img.width, self.cfg.max_side, self.cfg.upscale)
+            content = self.encoder.resized_content(*args)
+            size = self.encoder.input_size(*args)
         pixels = to_tensor(img, content=content, size=size, cfg=self.cfg)
         return PreparedImage(pixels=pixels, original_size=(img.height, img.width), content_size=content)
 
@@ -69,10 +76,11 @@ class Processor:
     prompt always carries exactly as many placeholders as the connector emits."""
 
     def __init__(
-        self, *, tokenizer: Any, image_processor: ImageProcessor, num_visual_tokens: Callable[[int, int], int],
-        image_token: str,
+        self, *, tokenizer: Any, image_processor: ImageProcessor, num_visual_tokens: Callable[..., int],
+        image_token: str, instruction_tokenizer: Any = None,
     ) -> None:
         self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.instruction_tokenizer = instruction_tokenizer or tokenizer  # the Q-Former's own, when it has one
         self.num_visual_tokens, self.image_token = num_visual_tokens, image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
@@ -87,19 +95,20 @@ class Processor:
             text, count = message_text(message["content"], self.image_token)
             templated.append({"role": message["role"], "content": text})
             plain = text.replace(self.image_token, " ").strip()
-            instructions.extend([self._ids(plain)] * count)
+            instructions.extend([self._ids(plain, self.instruction_tokenizer)] * count)
         if len(instructions) != len(prepared):
             raise ValueError(f"messages hold {len(instructions)} image placeholders but {len(prepared)} images given")
         text = self.tokenizer.apply_chat_template(
             templated, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         ids = self._ids(text)
-        counts = [self.num_visual_tokens(*p.pixels.shape[-2:]) for p in prepared]
+        counts = [self.num_visual_tokens(*p.pixels.shape[-2:], p.original_size) for p in prepared]
         return Prompt(input_ids=self.expand(ids, counts), images=prepared, num_visual_tokens=counts,
                       instructions=instructions)
 
-    def _ids(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    def _ids(self, text: str, tokenizer: Any = None) -> torch.Tensor:
+        tokenizer = tokenizer or self.tokenizer
+        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
     def expand(self, ids: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Replace the i-th placeholder id in ``ids`` (L,) by ``counts[i]`` copies of it."""
