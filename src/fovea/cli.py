@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -142,6 +143,60 @@ def cmd_info(model_dir: str | None = None) -> int:
     return 0
 
 
+def cmd_synth(out: str, pages: int, seed: int, size: str, questions: int) -> int:
+    """Render synthetic document pages (contracts, invoices, forms) with exact question/answer pairs in the LLaVA
+    conversation format: OUT/images/*.png and OUT/data.json. Deterministic given --seed."""
+    from fovea.train.synth import write_dataset
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must be WIDTHxHEIGHT, e.g. 2880x2160, got {size!r}") from None
+    if pages < 1:
+        raise ValueError(f"--pages must be >= 1, got {pages}")
+
+    def show(done: int, total: int) -> None:
+        print(f"\rrendered {done}/{total} pages", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    path = write_dataset(out, num_pages=pages, seed=seed, size=(width, height), questions_per_page=questions,
+                         progress=show)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_train(config: str | None, resume: bool, overrides: dict) -> int:
+    """Train the bridge (stage align) or the bridge plus the LLM (stage finetune, full or LoRA) on packed batches.
+    Settings come from CONFIG.yaml, then from flags. Under torchrun the same command runs DDP or FSDP2."""
+    from fovea.train.trainer import TrainConfig, train
+
+    data = TrainConfig.from_yaml(config).__dict__ if config else {}
+    cfg = TrainConfig.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+    result = train(cfg, resume=resume)
+    if result.final is not None:
+        print(json.dumps({"final": str(result.final), "steps": len(result.losses),
+                          "first_loss": result.losses[0] if result.losses else None,
+                          "last_loss": result.losses[-1] if result.losses else None, "evals": result.evals,
+                          "skipped": len(result.skipped), "trainable_parameters": result.trainable_parameters}))
+    return 0
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from fovea.train.trainer import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "lora_targets":
+            p.add_argument(flag, nargs="+", default=None, help="LLM module names that get LoRA adapters")
+        elif isinstance(f.default, bool):
+            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
+        else:
+            kind = type(f.default) if f.default is not None and f.name != "eval_data" else str
+            kind = int if f.name == "threads" else kind
+            p.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fovea", description="Fast vision-language models for high-resolution "
                                      "documents.")
@@ -194,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
     p.add_argument("model", nargs="?", help="a fovea or transformers model directory to describe")
     p.set_defaults(run=lambda a: cmd_info(a.model))
+
+    p = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
+    p.add_argument("out", help="output folder")
+    p.add_argument("--pages", type=int, default=100, help="pages to render (kinds in turn)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same pages and answers")
+    p.add_argument("--size", default="2880x2160", help="page size WIDTHxHEIGHT in pixels")
+    p.add_argument("--questions", type=int, default=3, help="questions per page")
+    p.set_defaults(run=lambda a: cmd_synth(a.out, a.pages, a.seed, a.size, a.questions))
+
+    p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    p.add_argument("config", nargs="?", help="YAML file of training settings (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    _train_flags(p)
+    p.set_defaults(run=lambda a: cmd_train(a.config, a.resume, {
+        k: (tuple(v) if k == "lora_targets" and v else v) for k, v in vars(a).items()
+        if k not in ("config", "resume", "run", "command")}))
 
     p = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
     p.add_argument("src", help="directory written by transformers save_pretrained (with its tokenizer)")

@@ -107,8 +107,10 @@ def render_contract(width: int = 2880, height: int = 2160, seed: int = 0) -> Pag
                       font=font(int(24 * unit), bold=r == 0, mono=r > 0), fill="black")
     y += cell_h * (len(rows) + 1) + int(50 * unit)
     small = font(max(8, int(15 * unit)))
+    rate = f"{rng.randint(2, 9)}.{rng.randint(0, 9)}%"
+    facts["interest_rate"] = rate
     fine_print = ("Small print: all amounts exclude VAT. Invoices unpaid after the due date accrue interest at "
-                  f"{rng.randint(2, 9)}.{rng.randint(0, 9)}% per annum. " * 3)
+                  f"{rate} per annum. " * 3)
     for line in _wrap(draw, fine_print, small, width - 2 * margin):
         draw.text((margin, y), line, font=small, fill=(60, 60, 60))
         y += int(22 * unit)
@@ -131,3 +133,162 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, fnt: ImageFont.ImageFont, width:
     if current:
         lines.append(current)
     return lines
+
+
+_ITEMS = ["Steel brackets", "Copper wire (m)", "Pallet wrap", "Sensor module", "Cable ties", "Hydraulic hose",
+          "Safety gloves", "LED panel", "Bearing 6204", "Label rolls", "Torque wrench", "Filter cartridge"]
+_NAMES = ["Ana Ruiz", "Tomasz Nowak", "Mei Tanaka", "Oluwaseun Adeyemi", "Lars Eriksen", "Priya Raman",
+          "Jonas Weber", "Claire Dubois"]
+
+
+def render_invoice(width: int = 2880, height: int = 2160, seed: int = 0) -> Page:
+    """An invoice: header fields, a line-item table with exact totals, payment terms in small print."""
+    rng = random.Random(seed)
+    page = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(page)
+    unit = height / 2160
+    margin, y = int(140 * unit), int(110 * unit)
+    seller, buyer = rng.sample(_PARTIES, 2)
+    number = f"INV-{rng.randint(100000, 999999)}"
+    date = f"{rng.randint(1, 28):02d}.{rng.randint(1, 12):02d}.{rng.randint(2019, 2026)}"
+    facts = {"invoice_number": number, "invoice_date": date, "seller": seller, "buyer": buyer}
+    draw.text((margin, y), "INVOICE", font=font(int(72 * unit), bold=True), fill="black")
+    draw.text((width // 2, y), seller, font=font(int(36 * unit), bold=True), fill="black")
+    y += int(120 * unit)
+    for label, value in (("Invoice No.", number), ("Date", date), ("Bill to", buyer)):
+        draw.text((margin, y), f"{label}: {value}", font=font(int(32 * unit)), fill="black")
+        y += int(52 * unit)
+    y += int(40 * unit)
+    headers, rows, total = ["Item", "Qty", "Unit price (EUR)", "Amount (EUR)"], [], 0
+    for item in rng.sample(_ITEMS, rng.randint(5, 9)):
+        qty, price = rng.randint(1, 500), rng.randint(1, 900)
+        rows.append([item, str(qty), f"{price:,}", f"{qty * price:,}"])
+        facts[f"qty_{item}"] = str(qty)
+        total += qty * price
+    facts["total"] = f"{total:,}"
+    cell_w, cell_h = (width - 2 * margin) // 4, int(50 * unit)
+    for r, row in enumerate([headers] + rows + [["", "", "TOTAL", f"{total:,}"]]):
+        for c, value in enumerate(row):
+            box = (margin + c * cell_w, y + r * cell_h, margin + (c + 1) * cell_w, y + (r + 1) * cell_h)
+            draw.rectangle(box, outline="black", width=max(1, int(2 * unit)))
+            draw.text((box[0] + int(12 * unit), box[1] + int(10 * unit)), value,
+                      font=font(int(26 * unit), bold=r == 0 or c == 2 and value == "TOTAL", mono=r > 0),
+                      fill="black")
+    y += cell_h * (len(rows) + 2) + int(60 * unit)
+    days = rng.choice([10, 14, 30, 45, 60])
+    facts["payment_days"] = str(days)
+    small = font(max(8, int(16 * unit)))
+    terms = f"Payment terms: net {days} days. Bank transfer only; quote {number} as the reference. " * 2
+    for line in _wrap(draw, terms, small, width - 2 * margin):
+        draw.text((margin, y), line, font=small, fill=(60, 60, 60))
+        y += int(24 * unit)
+    return Page(image=page, facts=facts)
+
+
+def render_form(width: int = 2880, height: int = 2160, seed: int = 0) -> Page:
+    """A filled application form: labelled boxes in two columns, a checkbox row and a signature line."""
+    rng = random.Random(seed)
+    page = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(page)
+    unit = height / 2160
+    margin, y = int(140 * unit), int(110 * unit)
+    draw.text((margin, y), "EQUIPMENT LOAN APPLICATION", font=font(int(60 * unit), bold=True), fill="black")
+    y += int(130 * unit)
+    values = {
+        "applicant": rng.choice(_NAMES), "employee_id": f"E{rng.randint(10000, 99999)}",
+        "department": rng.choice(["Finance", "Logistics", "Research", "Legal", "Operations"]),
+        "phone": f"+{rng.randint(10, 99)} {rng.randint(100, 999)} {rng.randint(1000, 9999)}",
+        "item": rng.choice(_ITEMS), "loan_days": str(rng.randint(1, 90)), "city": rng.choice(_CITIES),
+        "start_date": f"{rng.randint(1, 28):02d}.{rng.randint(1, 12):02d}.{rng.randint(2019, 2026)}",
+    }
+    labels = list(values)
+    col_w, box_h = (width - 3 * margin) // 2, int(110 * unit)
+    for i, key in enumerate(labels):
+        x = margin + (i % 2) * (col_w + margin)
+        top = y + (i // 2) * (box_h + int(30 * unit))
+        draw.rectangle((x, top, x + col_w, top + box_h), outline="black", width=max(1, int(2 * unit)))
+        draw.text((x + int(14 * unit), top + int(8 * unit)), key.replace("_", " ").title(),
+                  font=font(int(20 * unit)), fill=(80, 80, 80))
+        draw.text((x + int(14 * unit), top + int(46 * unit)), values[key], font=font(int(34 * unit), mono=True),
+                  fill=(10, 10, 120))
+    y += (len(labels) + 1) // 2 * (box_h + int(30 * unit)) + int(40 * unit)
+    chosen = rng.choice(["Standard", "Express", "Overnight"])
+    values["delivery"] = chosen
+    x = margin
+    for option in ("Standard", "Express", "Overnight"):
+        side = int(34 * unit)
+        draw.rectangle((x, y, x + side, y + side), outline="black", width=max(1, int(3 * unit)))
+        if option == chosen:
+            draw.line((x, y, x + side, y + side), fill="black", width=max(1, int(4 * unit)))
+            draw.line((x, y + side, x + side, y), fill="black", width=max(1, int(4 * unit)))
+        draw.text((x + side + int(16 * unit), y), option, font=font(int(30 * unit)), fill="black")
+        x += int(420 * unit)
+    return Page(image=page, facts=values)
+
+
+RENDERERS = {"contract": render_contract, "invoice": render_invoice, "form": render_form}
+
+# Question templates per fact: the answer is the fact's exact text.
+_QUESTIONS = {
+    "contract_number": "What is the agreement number?", "client": "Who is the client?",
+    "supplier": "Who is the supplier?", "date": "What is the effective date?",
+    "client_city": "In which city is the client?", "supplier_city": "In which city is the supplier?",
+    "interest_rate": "What interest rate does the small print state?",
+    "invoice_number": "What is the invoice number?", "invoice_date": "What is the invoice date?",
+    "seller": "Who issued the invoice?", "buyer": "Who is the invoice billed to?", "total": "What is the total?",
+    "payment_days": "How many days are the payment terms?",
+    "applicant": "Who is the applicant?", "employee_id": "What is the employee ID?",
+    "department": "Which department is on the form?", "phone": "What phone number is given?",
+    "item": "Which item is requested?", "loan_days": "For how many days is the loan?",
+    "city": "Which city is on the form?", "start_date": "What is the start date?",
+    "delivery": "Which delivery option is ticked?",
+}
+
+
+def question(key: str) -> str | None:
+    """The question whose exact answer is the fact ``key``; None for facts without one."""
+    if key in _QUESTIONS:
+        return _QUESTIONS[key]
+    if key.startswith("clause_") and key.endswith("_title"):
+        return f"What is the title of clause {key.split('_')[1]}?"
+    if key.startswith("table_") and key.endswith("_total"):
+        return f"What is the total for {key[len('table_'):-len('_total')]} in the fee table?"
+    if key.startswith("qty_"):
+        return f"What quantity of {key[len('qty_'):]} is invoiced?"
+    return None
+
+
+def write_dataset(out: str | Path, *, num_pages: int, seed: int = 0, size: tuple[int, int] = (2880, 2160),
+                  questions_per_page: int = 3, kinds: tuple[str, ...] = tuple(RENDERERS),
+                  progress=None) -> Path:
+    """Render ``num_pages`` pages (kinds in turn) as PNG under ``out/images`` and write ``out/data.json`` in the
+    LLaVA conversation format, one record per question, answers exact. Deterministic given ``seed``."""
+    import json
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    width, height = size
+    if width < 64 or height < 64:
+        raise ValueError(f"page size {width}x{height} is too small to render text (at least 64x64)")
+    unknown = [k for k in kinds if k not in RENDERERS]
+    if unknown:
+        raise ValueError(f"unknown page kinds {unknown}; available: {sorted(RENDERERS)}")
+    rng = random.Random(seed)
+    records = []
+    for i in range(num_pages):
+        kind = kinds[i % len(kinds)]
+        page_seed = rng.randrange(2**31)
+        page = RENDERERS[kind](width, height, seed=page_seed)
+        name = f"images/{kind}-{i:05d}.png"
+        page.image.save(out / name)
+        keys = [k for k in page.facts if question(k)]
+        for j, key in enumerate(random.Random(page_seed).sample(keys, min(questions_per_page, len(keys)))):
+            records.append({
+                "id": f"{kind}-{i:05d}-{j}", "image": name,
+                "conversations": [{"from": "human", "value": f"<image>\n{question(key)}"},
+                                  {"from": "gpt", "value": page.facts[key]}],
+            })
+        if progress:
+            progress(i + 1, num_pages)
+    (out / "data.json").write_text(json.dumps(records, indent=1))
+    return out / "data.json"

@@ -1,0 +1,167 @@
+"""Training data: LLaVA conversation records and ``messages`` + ``images`` records -> packed-ready ``Sample``s
+with the loss on answer tokens only. A bad record (missing or corrupt image, no answer) is reported with its id
+and skipped or stops the run, as the caller chooses; it is never dropped silently.
+
+Notation: L tokens in a conversation after placeholder expansion.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fovea.packing import IGNORE_INDEX, Sample
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """A record that cannot become a training sample; the message names the record."""
+
+    def __init__(self, record_id: Any, reason: str) -> None:
+        super().__init__(f"record {record_id!r}: {reason}")
+        self.record_id, self.reason = record_id, reason
+
+
+@dataclass
+class Record:
+    id: Any  # the record's id, for messages
+    messages: list[dict]  # OpenAI-style: role user/assistant/system, content text with <image> placeholders
+    images: list[str] = field(default_factory=list)  # image paths, resolved against the data file's folder
+
+
+def read_records(path: str | Path, image_token: str = "<image>") -> list[Record]:
+    """A JSON list or JSONL file of records in either format:
+    LLaVA: ``{"id", "image": path | [paths], "conversations": [{"from": "human"|"gpt", "value"}]}``;
+    messages: ``{"id", "images": [paths], "messages": [{"role", "content"}]}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"data file {str(path)!r} is not JSON or JSONL: {err}") from None
+    root = path.parent
+    records = []
+    for i, item in enumerate(raw):
+        rid = item.get("id", i) if isinstance(item, dict) else i
+        if not isinstance(item, dict):
+            records.append(Record(id=rid, messages=[], images=[]))  # reported when encoded
+            continue
+        if "conversations" in item:
+            images = item.get("image") or []
+            images = [images] if isinstance(images, str) else list(images)
+            messages = [{"role": _ROLES.get(turn.get("from"), str(turn.get("from"))),
+                         "content": str(turn.get("value", ""))} for turn in item["conversations"]]
+        else:
+            images, messages = list(item.get("images") or []), list(item.get("messages") or [])
+        records.append(Record(id=rid, messages=messages, images=[str(root / p) for p in images]))
+    return records
+
+
+def encode_record(record: Record, processor: Any) -> Sample:
+    """Tokenise a conversation with the model's chat template and processor: images preprocessed, placeholders
+    expanded, labels on assistant turns only (IGNORE_INDEX elsewhere)."""
+    messages = record.messages
+    if not messages or not any(m.get("role") == "assistant" and str(m.get("content", "")).strip() for m in messages):
+        raise DataError(record.id, "the conversation has no answer (no non-empty assistant turn)")
+    for m in messages:
+        if m.get("role") not in ("user", "assistant", "system"):
+            raise DataError(record.id, f"unknown role {m.get('role')!r} (expected human/gpt or user/assistant)")
+    for p in record.images:
+        if not Path(p).is_file():
+            raise DataError(record.id, f"image file {p!r} does not exist")
+    try:
+        prepared = [processor.image_processor(p) for p in record.images]
+    except ValueError as err:
+        raise DataError(record.id, f"image cannot be used: {err}") from None
+    tokenizer, image_token = processor.tokenizer, processor.image_token
+    count = sum(str(m["content"]).count(image_token) for m in messages)
+    if count != len(prepared):
+        raise DataError(record.id, f"{count} {image_token} placeholders but {len(prepared)} images")
+    # Each message's tokens are the difference between the templates of successive prefixes of the conversation.
+    ids: list[int] = []
+    labels: list[int] = []
+    for k in range(1, len(messages) + 1):
+        text = tokenizer.apply_chat_template(messages[:k], tokenize=False)
+        full = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if full[: len(ids)] != ids:
+            raise DataError(record.id, "the chat template does not render conversations prefix by prefix")
+        new = full[len(ids):]
+        if messages[k - 1]["role"] == "assistant":
+            # The role header the template opens the turn with is prompt, not answer: learn only what follows it.
+            head = tokenizer(tokenizer.apply_chat_template(messages[: k - 1], tokenize=False,
+                                                           add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"]
+            skip = len(head) - len(ids) if full[: len(head)] == head and len(head) >= len(ids) else 0
+            labels += [IGNORE_INDEX] * skip + new[skip:]
+        else:
+            labels += [IGNORE_INDEX] * len(new)
+        ids = full
+    counts = [processor.num_visual_tokens(*p.pixels.shape[-2:], p.original_size) for p in prepared]
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    repeats = torch.ones_like(input_ids)
+    positions = (input_ids == processor.image_token_id).nonzero().flatten()
+    if len(positions) != len(counts):
+        raise DataError(record.id, f"template kept {len(positions)} of {len(counts)} image placeholders")
+    if counts:
+        repeats[positions] = torch.tensor(counts)
+    input_ids = input_ids.repeat_interleave(repeats)  # (L,)
+    label_ids = torch.tensor(labels, dtype=torch.long).repeat_interleave(repeats)  # (L,)
+    label_ids[input_ids == processor.image_token_id] = IGNORE_INDEX
+    instructions = []
+    for m in messages:
+        n = str(m["content"]).count(image_token)
+        plain = str(m["content"]).replace(image_token, " ").strip()
+        instructions += [processor._ids(plain, processor.instruction_tokenizer)] * n
+    return Sample(input_ids=input_ids, labels=label_ids, images=[p.pixels for p in prepared],
+                  instructions=instructions, visual_tokens=counts,
+                  image_sizes=[p.original_size for p in prepared], id=record.id)
+
+
+@dataclass
+class Dataset:
+    """Encoded samples of a data file; ``skipped`` lists (id, reason) of records left out under ``on_bad='skip'``."""
+
+    samples: list[Sample]
+    skipped: list[tuple[Any, str]]
+
+
+def load_dataset(
+    path: str | Path, processor: Any, *, on_bad: str = "stop", max_len: int | None = None,
+    report: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> Dataset:
+    """Read and encode every record. ``on_bad``: 'stop' raises the first DataError, 'skip' reports each bad record
+    (id and reason) and goes on. Conversations longer than ``max_len`` tokens count as bad records."""
+    if on_bad not in ("stop", "skip"):
+        raise ValueError(f"on_bad must be 'stop' or 'skip', got {on_bad!r}")
+    samples, skipped = [], []
+    for record in read_records(path, processor.image_token):
+        try:
+            sample = encode_record(record, processor)
+            if max_len is not None and len(sample) > max_len:
+                raise DataError(record.id, f"{len(sample)} tokens, over the maximum sequence length {max_len}")
+            samples.append(sample)
+        except DataError as err:
+            if on_bad == "stop":
+                raise
+            skipped.append((err.record_id, err.reason))
+            report(f"fovea: skipping {err}")
+    if not samples:
+        raise ValueError(f"no usable records in {str(path)!r} ({len(skipped)} skipped)")
+    return Dataset(samples=samples, skipped=skipped)
+
+
+def split_ids(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train / held-out split of sample indices."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(samples), generator=g).tolist()
+    n_eval = int(round(len(samples) * fraction))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])

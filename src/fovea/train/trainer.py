@@ -1,0 +1,532 @@
+"""The training recipe: stage ``align`` (encoder and LLM frozen, connector trained) and stage ``finetune``
+(connector plus LLM, full or LoRA), on packed batches, one process or many (DDP or FSDP2 under torchrun).
+
+One optimizer step reads ``batch_size`` samples (the global batch, whatever the number of processes): each process
+takes its share, splits it into ``grad_accum`` packed streams, and the loss is the sum of token losses divided by
+the step's total label tokens over all processes, so N processes follow the same loss curve as one.
+
+Notation: T tokens in a packed stream, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fovea.packing import IGNORE_INDEX, pack
+from fovea.train.data import encode_record, load_dataset, read_records, split_ids
+
+STAGES = ("align", "finetune")
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # training records: LLaVA conversation JSON or messages+images JSON/JSONL
+    out: str = "runs/fovea"  # run folder: checkpoints/, final/, loss.png, log.jsonl
+    model: str = "fastvithd-qformer-64"  # a fovea/transformers model directory or a preset name
+    llm: str | None = None  # LLM for presets (default: SmolLM2 if fetched, else its shape)
+    stage: str = "align"  # align: connector only; finetune: connector + LLM (full, or LoRA when lora_rank > 0)
+    lora_rank: int = 0  # finetune with LoRA adapters of this rank on the LLM; 0 = full finetune
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / rank)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # LLM modules that get adapters
+    steps: int = 100  # optimizer steps
+    batch_size: int = 8  # samples per optimizer step, over all processes and accumulation micro-batches
+    grad_accum: int = 1  # packed micro-batches per process per step
+    max_len: int = 4096  # longest conversation in tokens; longer records are bad records
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 10  # linear warm-up from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16 support, else fp32), fp32 or bf16
+    eval_data: str | None = None  # held-out records; None = hold out eval_fraction of data
+    eval_fraction: float = 0.1  # share of data held out when eval_data is None
+    eval_every: int = 50  # steps between exact-match evaluations (0 = only at the end)
+    eval_samples: int = 32  # held-out questions per evaluation
+    eval_max_tokens: int = 32  # answer tokens generated per question
+    save_every: int = 50  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept; older ones are deleted
+    seed: int = 0  # data order, initialisation and dropout
+    on_bad: str = "stop"  # a bad record stops the run ("stop") or is reported and left out ("skip")
+    parallel: str = "ddp"  # with several processes: ddp, or fsdp (FSDP2 fully_shard)
+    threads: int | None = None  # torch threads per process (default: torch's choice)
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("no training data: set data (a LLaVA JSON or messages JSONL file)")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.lora_rank and self.stage != "finetune":
+            raise ValueError("lora_rank applies to stage 'finetune' only (align trains the connector alone)")
+        for name in ("steps", "batch_size", "grad_accum", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.lora_rank < 0 or self.keep_last < 1:
+            raise ValueError("lr must be > 0, lora_rank >= 0 and keep_last >= 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        if "lora_targets" in data:
+            data["lora_targets"] = tuple(data["lora_targets"])
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        import yaml
+
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"training config {str(path)!r} does not exist")
+        data = yaml.safe_load(file.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"training config {str(path)!r} must be a mapping of settings")
+        return cls.from_dict(data)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # mean token loss per optimizer step
+    evals: list[dict] = field(default_factory=list)  # {"step", "exact_match", "n"} per evaluation
+    skipped: list[tuple[Any, str]] = field(default_factory=list)  # bad records left out
+    final: Path | None = None  # the trained model (fovea directory), written by rank 0
+    trainable_parameters: int = 0
+
+
+# ----- distributed ------------------------------------------------------------------------------------------------
+def _dist_setup() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _all_sum(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+# ----- the freeze policy per stage ----------------------------------------------------------------------------------
+def configure_stage(model, cfg: TrainConfig) -> int:
+    """What trains in each stage, in one place; returns the trainable parameter count. align: connector only;
+    finetune: connector + LLM, or connector + LoRA adapters on the LLM (base weights frozen)."""
+    model.set_trainable(vision=False, connector=True, lm=cfg.stage == "finetune" and cfg.lora_rank == 0)
+    if cfg.stage == "finetune" and cfg.lora_rank > 0:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
+                          lora_dropout=0.0, bias="none")
+        inject_adapter_in_model(lora, model.lm)
+        for name, p in model.lm.named_parameters():
+            p.requires_grad_("lora_" in name)
+        if not any(p.requires_grad for p in model.lm.parameters()):
+            raise ValueError(f"no LLM module matches lora_targets {list(cfg.lora_targets)}")
+    return model.num_trainable_parameters()
+
+
+def merge_lora(model) -> None:
+    """Fold LoRA adapters into the LLM weights, so the saved model is a plain fovea model."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in list(model.lm.modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+    parents = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, LoraLayer)]
+    for name, layer in parents:
+        parent = model.lm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model.lm
+        setattr(parent, name.rsplit(".", 1)[-1], layer.get_base_layer())
+
+
+# ----- schedule ---------------------------------------------------------------------------------------------------
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The samples of optimizer step ``step``: consecutive positions of a per-epoch seeded permutation, so the data
+    position is the step number alone and resuming needs no iterator state."""
+    out, perms = [], {}
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch = pos // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        out.append(perms[epoch][pos % n])
+    return out
+
+
+# ----- checkpoints ------------------------------------------------------------------------------------------------
+CKPT_PREFIX = "step-"
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are DTensors
+            out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def _gather(model, optimizer, fsdp: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Trainable weights and optimizer state as full (unsharded) CPU tensors. Under FSDP every process must
+    call this (it all-gathers the shards); otherwise it is a plain copy."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not fsdp:
+        return _trainable_state(model), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    return {n: full[n].contiguous() for n in names if n in full}, optim  # full only on the first process
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint; temporary folders of interrupted saves are never picked."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.iterdir() if p.name.startswith(CKPT_PREFIX) and not p.name.endswith(".tmp")
+                  and (p / "state.pt").is_file() and (p / "trainable.safetensors").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(out: Path, step: int, weights: dict[str, torch.Tensor], optim_state: dict, scheduler,
+                    state: dict, keep_last: int) -> Path:
+    """Write into ``step-N.tmp`` and rename: a kill mid-save leaves only a .tmp folder, which resume ignores."""
+    from safetensors.torch import save_file
+
+    folder = out / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{CKPT_PREFIX}{step:07d}"
+    tmp = folder / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({**state, "optimizer": optim_state, "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    kept = sorted(p for p in folder.iterdir() if p.name.startswith(CKPT_PREFIX) and not p.name.endswith(".tmp"))
+    for old in kept[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ----- evaluation -------------------------------------------------------------------------------------------------
+def exact_match(model, records, max_tokens: int) -> float:
+    """Greedy answers through fovea's engine; a hit when the answer equals the reference after whitespace
+    normalisation."""
+    from fovea.engine import Engine, EngineConfig, SamplingParams
+
+    was_training = model.training
+    engine = Engine(model, EngineConfig(max_batch=8, max_len=8192, step_tokens=4096, encoder_cache=0))
+    requests, answers = [], []
+    for r in records:
+        last = max(i for i, m in enumerate(r.messages) if m["role"] == "assistant")
+        requests.append((r.messages[:last], list(r.images), SamplingParams(max_tokens=max_tokens)))
+        answers.append(" ".join(str(r.messages[last]["content"]).split()))
+    with torch.no_grad():
+        results = engine.generate(requests)
+    model.train(was_training)
+    hits = sum(" ".join(res["text"].split()) == ans for res, ans in zip(results, answers, strict=True))
+    return hits / max(1, len(records))
+
+
+def plot_losses(losses: list[float], evals: list[dict], path: Path) -> None:
+    from fovea.bench.common import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), losses, label="train loss (mean per token)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([e["step"] for e in evals], [e["exact_match"] for e in evals], "o-", color="tab:green",
+                 label="held-out exact match")
+        ax2.set_ylabel("exact match")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.set_title("fovea training")
+    save_figure(fig, path)
+
+
+# ----- the loop ---------------------------------------------------------------------------------------------------
+def _load_model(cfg: TrainConfig, device: torch.device):
+    from fovea.loading import load_vlm
+
+    torch.manual_seed(cfg.seed)  # presets initialise the connector randomly: the same on every process
+    model = load_vlm(cfg.model, llm=cfg.llm, progress=lambda s: None)  # frozen encoder: fused form
+    from fovea.attention import use_backend
+
+    use_backend(model.lm, "auto")
+    return model.to(device)
+
+
+def _packed_loss(model, module, batch) -> tuple[torch.Tensor, int]:
+    """Sum of token losses of one packed stream, and its label count."""
+    kwargs = batch.lm_kwargs()
+    kwargs.pop("labels", None)
+    logits = model(batch.input_ids[None], batch.images, batch.instructions or None, batch.image_sizes,
+                   **kwargs).logits  # (1,T,V)
+    targets = batch.labels[1:].to(logits.device)  # position t predicts token t+1
+    loss = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
+    """Run the recipe. ``resume``: continue from the last complete checkpoint under ``cfg.out``. ``stop_after``:
+    leave after this many steps in this session, as a preempted job would (nothing final is written)."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = _dist_setup()
+    main_process = rank == 0
+    say = (lambda s: print(s, file=sys.stderr)) if main_process else (lambda s: None)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {world} processes x grad_accum "
+                         f"{cfg.grad_accum}")
+    out = Path(cfg.out)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+
+    model = _load_model(cfg, device)
+    trainable = configure_stage(model, cfg)
+    say(f"fovea train: stage {cfg.stage}{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}, "
+        f"{trainable:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}, {world} process(es)")
+    processor = model.processor()
+    data = load_dataset(cfg.data, processor, on_bad=cfg.on_bad, max_len=cfg.max_len, report=say)
+    samples = data.samples
+    if cfg.eval_data:
+        eval_records = read_records(cfg.eval_data)
+    else:
+        train_ids, eval_ids = split_ids(samples, cfg.eval_fraction, cfg.seed)
+        by_id = {r.id: r for r in read_records(cfg.data)}
+        eval_records = [by_id[samples[i].id] for i in eval_ids]
+        samples = [samples[i] for i in train_ids]
+    if not samples:
+        raise ValueError("no training samples left after holding out the evaluation share")
+    eval_records = eval_records[: cfg.eval_samples]
+    for r in eval_records:  # reject a bad held-out record now rather than at the first evaluation
+        encode_record(r, processor)
+    say(f"fovea train: {len(samples)} training samples, {len(eval_records)} held-out questions, "
+        f"{len(data.skipped)} records skipped")
+
+    wrapped = model
+    fsdp = world > 1 and cfg.parallel == "fsdp"
+    if world > 1:
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.lm.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # The optimizer is built on the wrapped model's parameters (FSDP2 replaces them with sharded ones).
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    result = TrainResult(skipped=data.skipped, trainable_parameters=trainable)
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            say(f"fovea train: --resume found no complete checkpoint under {out / 'checkpoints'}; starting fresh")
+        else:
+            start = _restore(ckpt, cfg, model, optimizer, scheduler, result, fsdp)
+            say(f"fovea train: resumed from {ckpt.name} (step {start})")
+
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
+                                        and torch.cuda.is_bf16_supported())
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    model.train()
+    bar = None
+    if progress and main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", file=sys.stderr)
+    log = open(out / "log.jsonl", "a") if main_process else None
+    per_rank = cfg.batch_size // world
+    try:
+        for step in range(start, cfg.steps):
+            if stop_after is not None and step - start >= stop_after:
+                return result
+            t0 = time.perf_counter()
+            mine = step_indices(step, cfg.batch_size, len(samples), cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+            chunks = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
+            batches = [pack([samples[i] for i in c], image_token_id=model.image_token_id).to(device) for c in chunks]
+            local_labels = sum(int((b.labels[1:] != IGNORE_INDEX).sum()) for b in batches)
+            total_labels = _all_sum(local_labels, device)
+            if total_labels == 0:
+                raise ValueError(f"step {step}: the batch has no answer tokens to learn from")
+            loss_sum, tokens = 0.0, 0
+            for k, batch in enumerate(batches):
+                sync = k == len(batches) - 1 or world == 1 or cfg.parallel != "ddp"
+                with (nullcontext() if sync else wrapped.no_sync()), autocast():
+                    loss, _ = _packed_loss(wrapped, model, batch)
+                # DDP averages gradients over processes: scale so the result is the global per-token mean.
+                (loss * world / total_labels).backward()
+                loss_sum += float(loss.detach())
+                tokens += int(batch.input_ids.numel())
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = _all_sum(loss_sum, device) / total_labels
+            all_tokens = _all_sum(tokens, device)
+            result.losses.append(step_loss)
+            seconds = time.perf_counter() - t0
+            done = step + 1
+            if log:
+                log.write(json.dumps({"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                      "tokens": all_tokens, "seconds": seconds}) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{all_tokens / seconds:,.0f}")
+                bar.update(1)
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                _evaluate(model, eval_records, cfg, done, result, main_process or fsdp, say)
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                state = _progress_state(done, result, cfg)
+                weights, optim_state = _gather(model, optimizer, fsdp)
+                if main_process:
+                    save_checkpoint(out, done, weights, optim_state, scheduler, state, cfg.keep_last)
+                    plot_losses(result.losses, result.evals, out / "loss.png")
+                if dist.is_initialized():
+                    dist.barrier()
+    finally:
+        if bar is not None:
+            bar.close()
+        if log:
+            log.close()
+    final_model = model
+    if fsdp:  # the shards are gathered into an unsharded copy of the model, written by the first process
+        weights, _ = _gather(model, optimizer, fsdp)
+        if main_process:
+            final_model = _load_model(cfg, torch.device("cpu"))
+            configure_stage(final_model, cfg)
+            final_model.load_state_dict(weights, strict=False)
+    if main_process:
+        if cfg.lora_rank:
+            merge_lora(final_model)
+        final_model.save_pretrained(out / "final")
+        result.final = out / "final"
+        plot_losses(result.losses, result.evals, out / "loss.png")
+        say(f"fovea train: wrote {out / 'final'} and {out / 'loss.png'}")
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def _evaluate(model, records, cfg, step, result, participate, say) -> None:
+    """Exact match on the held-out questions; ``participate``: this process runs the generation (under FSDP all
+    do, in lock step, since every forward gathers the shards)."""
+    if participate and records:
+        em = exact_match(model, records, cfg.eval_max_tokens)
+        result.evals.append({"step": step, "exact_match": em, "n": len(records)})
+        say(f"fovea train: step {step}: held-out exact match {em:.3f} ({len(records)} questions)")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _progress_state(step: int, result: TrainResult, cfg: TrainConfig) -> dict:
+    return {
+        "step": step, "losses": list(result.losses), "evals": list(result.evals), "config": asdict(cfg),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+
+
+# Settings that may change between a checkpoint and its resumption; any other change is refused.
+_RESUMABLE = {"steps", "out", "eval_every", "save_every", "keep_last", "threads", "eval_samples", "eval_max_tokens"}
+
+
+def _restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scheduler, result: TrainResult, fsdp: bool) -> int:
+    from safetensors.torch import load_file
+
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    saved = state.get("config", {})
+    def norm(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    changed = sorted(k for k, v in asdict(cfg).items() if k not in _RESUMABLE and norm(saved.get(k)) != norm(v))
+    if changed:
+        raise ValueError(f"checkpoint {str(ckpt)!r} was written with different settings {changed}; resume with the "
+                         "same configuration")
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise ValueError(f"checkpoint {str(ckpt)!r} does not hold this model's trainable weights: missing "
+                         f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
+    if fsdp:  # every process reads the full tensors and keeps its shard
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    result.losses, result.evals = list(state["losses"]), list(state["evals"])
+    return int(state["step"])
