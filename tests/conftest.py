@@ -29,7 +29,7 @@ TINY_PINPOINTS = ((28, 56), (56, 28), (56, 56), (28, 84), (84, 28))
 def tiny_config(encoder: str = "fastvithd", connector: str = "mlp", *, budget: int = 8, lm: str = "tiny-llama",
                 max_side: int = 256, **connector_kw) -> VLMConfig:
     return VLMConfig(
-        vision=VisionConfig(name=encoder, overrides=TINY_ENCODERS[encoder], tile_size=TINY_TILE,
+        vision=VisionConfig(name=encoder, overrides=dict(TINY_ENCODERS[encoder]), tile_size=TINY_TILE,
                             pinpoints=TINY_PINPOINTS),
         connector=ConnectorConfig(name=connector, num_queries=budget, hidden_size=32, num_heads=2, num_layers=2,
                                   **connector_kw),

@@ -100,7 +100,9 @@ class VLM(nn.Module):
 
     def reparameterize_encoder(self) -> VLM:
         """Fuse the encoder's multi-branch blocks for inference (FastViT: several times fewer convolutions). The
-        config records it, so a saved model reloads in the fused form."""
+        config records it, so a saved model reloads in the fused form. Fusing a fused encoder changes nothing."""
+        if self.config.vision.overrides.get("inference_mode"):
+            return self
         overrides = self.encoder.reparameterize()
         self.config.vision.overrides.update(overrides)
         return self
