@@ -227,3 +227,21 @@ def test_fovea_convert_cli(tmp_path, capsys):
     assert "licence:    other (apple-amlr)" in capsys.readouterr().out
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "x")]) != 0
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):
+    peer, _ = _llava(tmp_path)
+    path = tmp_path / "sharded"
+    peer.save_pretrained(path, max_shard_size="100KB")
+    _tokenizer().save_pretrained(path)
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (path / "model.safetensors.index.json").is_file()
+    model = VLM.from_pretrained(path).eval()
+    prompt = model.processor()(MESSAGES, [PAGE])
+    with torch.no_grad():
+        ours = model(prompt.input_ids[None], [prompt.images[0].pixels]).logits
+        theirs = peer(input_ids=prompt.input_ids[None], pixel_values=prompt.images[0].pixels[None]).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    shards[-1].unlink()
+    with pytest.raises(ValueError, match=f"incomplete: shard files \\['{shards[-1].name}'\\] are missing"):
+        VLM.from_pretrained(path)
