@@ -183,7 +183,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, parallel):
     single = train(_cfg(setup, tmp_path / "one", steps=3, save_every=0), progress=False)
-    cfg = _cfg(setup, tmp_path / "two", steps=3, save_every=0, parallel=parallel)
+    cfg = _cfg(setup, tmp_path / "two", steps=3, save_every=0, parallel=parallel,
+               eval_data=str(setup / "data" / "data.json"))  # evaluation at the end, on one process
     flags = []
     for k, v in cfg.__dict__.items():
         if k != "lora_targets" and v is not None:
@@ -195,6 +196,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, par
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = [json.loads(line)["loss"] for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert logged == pytest.approx(single.losses, rel=1e-4)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed once, by the first process
+    assert summary["evals"][0]["step"] == 3 and summary["evals"][0]["n"] == 1
     VLM.from_pretrained(tmp_path / "two" / "final")
 
 

@@ -438,7 +438,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{all_tokens / seconds:,.0f}")
                 bar.update(1)
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                _evaluate(model, eval_records, cfg, done, result, main_process or fsdp, say)
+                evaluated = _unsharded(model, optimizer, cfg, fsdp, main_process) if eval_records else None
+                _evaluate(evaluated, eval_records, cfg, done, result, main_process, say)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 state = _progress_state(done, result, cfg)
                 weights, optim_state = _gather(model, optimizer, fsdp)
@@ -452,13 +453,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             bar.close()
         if log:
             log.close()
-    final_model = model
-    if fsdp:  # the shards are gathered into an unsharded copy of the model, written by the first process
-        weights, _ = _gather(model, optimizer, fsdp)
-        if main_process:
-            final_model = _load_model(cfg, torch.device("cpu"))
-            configure_stage(final_model, cfg)
-            final_model.load_state_dict(weights, strict=False)
+    final_model = _unsharded(model, optimizer, cfg, fsdp, main_process)
     if main_process:
         if cfg.lora_rank:
             merge_lora(final_model)
@@ -471,10 +466,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     return result
 
 
-def _evaluate(model, records, cfg, step, result, participate, say) -> None:
-    """Exact match on the held-out questions; ``participate``: this process runs the generation (under FSDP all
-    do, in lock step, since every forward gathers the shards)."""
-    if participate and records:
+def _unsharded(model, optimizer, cfg: TrainConfig, fsdp: bool, main_process: bool):
+    """The model as one process can run it: itself, or under FSDP an unsharded copy on the first process (every
+    process takes part in gathering the shards; the others get None)."""
+    if not fsdp:
+        return model
+    weights, _ = _gather(model, optimizer, fsdp)
+    if not main_process:
+        return None
+    with torch.random.fork_rng(devices=[]):  # building the copy reseeds; the run's RNG stream must not move
+        copy = _load_model(cfg, torch.device("cpu"))
+    configure_stage(copy, cfg)
+    copy.load_state_dict(weights, strict=False)
+    return copy
+
+
+def _evaluate(model, records, cfg, step, result, main_process, say) -> None:
+    """Exact match on the held-out questions, on the first process (the others wait)."""
+    if main_process and records:
         em = exact_match(model, records, cfg.eval_max_tokens)
         result.evals.append({"step": step, "exact_match": em, "n": len(records)})
         say(f"fovea train: step {step}: held-out exact match {em:.3f} ({len(records)} questions)")
