@@ -211,3 +211,20 @@ def test_synth_is_deterministic(tmp_path):
     records = json.loads(a.read_text())
     assert {r["id"].split("-")[0] for r in records} == {"contract", "invoice", "form"}
     assert all(r["conversations"][1]["value"] for r in records)
+
+
+def test_cli_synth_and_train_config_errors(tmp_path, capsys):
+    from fovea.cli import main
+
+    assert main(["synth", str(tmp_path / "s"), "--pages", "2", "--size", "640x480", "--seed", "3"]) == 0
+    assert len(json.loads((tmp_path / "s" / "data.json").read_text())) == 6
+    assert main(["synth", str(tmp_path / "s2"), "--size", "big"]) == 2
+    assert "--size must be WIDTHxHEIGHT" in capsys.readouterr().err
+    (tmp_path / "run.yaml").write_text("data: x.json\nlearning_rate: 0.1\n")
+    assert main(["train", str(tmp_path / "run.yaml")]) == 2
+    assert "unknown training settings ['learning_rate']" in capsys.readouterr().err
+    (tmp_path / "run.yaml").write_text(f"data: {tmp_path / 's' / 'data.json'}\nstage: pretrain\n")
+    assert main(["train", str(tmp_path / "run.yaml")]) == 2
+    assert "stage must be one of ('align', 'finetune')" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "s" / "data.json"), "--lora-rank", "8"]) == 2
+    assert "lora_rank applies to stage 'finetune' only" in capsys.readouterr().err
