@@ -245,3 +245,24 @@ def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):
     shards[-1].unlink()
     with pytest.raises(ValueError, match=f"incomplete: shard files \\['{shards[-1].name}'\\] are missing"):
         VLM.from_pretrained(path)
+
+
+def test_llava_preprocessing_follows_the_saved_clip_processor(tmp_path):
+    from transformers import CLIPImageProcessorPil
+
+    peer, path = _llava(tmp_path)
+    CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(path)
+    model = VLM.from_pretrained(path).eval()
+    assert model.config.preprocess.center_crop
+    for image in (PAGE, PAGE.transpose(Image.Transpose.ROTATE_90), Image.effect_noise((300, 301), 30).convert("RGB")):
+        ours = model.processor()(MESSAGES, [image])
+        theirs = CLIPImageProcessorPil.from_pretrained(path)(images=image, return_tensors="pt")["pixel_values"]
+        assert ours.images[0].pixels.shape == theirs.shape[1:]
+        assert (ours.images[0].pixels - theirs[0]).abs().max().item() < 1e-5  # same pixels from the raw image
+        with torch.no_grad():
+            a = model(ours.input_ids[None], [ours.images[0].pixels]).logits
+            b = peer(input_ids=ours.input_ids[None], pixel_values=theirs).logits
+        assert (a - b).abs().max().item() < 1e-4
+    (path / "preprocessor_config.json").write_text(json.dumps({"do_center_crop": False}))
+    padded = VLM.from_pretrained(path)
+    assert padded.config.preprocess.square and not padded.config.preprocess.center_crop

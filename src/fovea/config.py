@@ -26,6 +26,7 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # per-channel mean subtracted after scaling to [0, 1]
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)  # per-channel std divided after subtracting the mean
     square: bool = False  # fit the image inside a max_side square canvas (LLaVA-1.5 "pad"): fixed-size encoders
+    center_crop: bool = False  # shorter side to max_side, then the centre square (CLIP / transformers' processors)
     pad_position: str = "end"  # padding goes at the "end" (bottom/right) or "center" (LLaVA-NeXT's unpad expects it)
 
 

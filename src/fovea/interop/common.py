@@ -108,7 +108,7 @@ def read_image_processor(path: str | Path) -> dict[str, Any]:
 
 
 def preprocess_config(settings: dict[str, Any], *, side: int, mean, std, square: bool, pad_position: str,
-                      pad_value: float | None = None) -> PreprocessConfig:
+                      pad_value: float | None = None, center_crop: bool = False) -> PreprocessConfig:
     """fovea's preprocessing from a saved image processor's settings, with the family's defaults where the
     directory has none."""
     if settings.get("do_normalize", True):
@@ -123,8 +123,8 @@ def preprocess_config(settings: dict[str, Any], *, side: int, mean, std, square:
         side = size
     # LLaVA pads to a square with the mean colour; fovea's pad value is one grey level, the channel mean's mean.
     value = sum(mean) / 3 if pad_value is None else pad_value
-    return PreprocessConfig(max_side=side, upscale=True, mean=mean, std=std, square=square,
-                            pad_position=pad_position, pad_value=value)
+    return PreprocessConfig(max_side=side, upscale=True, mean=mean, std=std, square=square and not center_crop,
+                            center_crop=center_crop, pad_position=pad_position, pad_value=value)
 
 
 def load_tokenizer(path: str | Path, image_token_id: int):

@@ -59,9 +59,13 @@ def convert_llava(path: Path, config: dict):
     depth = vcfg.overrides["depth"]
     image_token_id = int(config.get("image_token_index", config.get("image_token_id", 32000)))
     tokenizer, image_token = load_tokenizer(path, image_token_id)
+    settings = read_image_processor(path)
+    # LLaVA-1.5 follows the checkpoint's processor: transformers' CLIP processor (resize + centre crop) unless the
+    # saved settings turn cropping off, in which case the page is padded to a square as LLaVA-1.5 trained ("pad").
     pre = preprocess_config(
-        read_image_processor(path), side=vcfg.tile_size, mean=CLIP_MEAN, std=CLIP_STD, square=not anyres,
+        settings, side=vcfg.tile_size, mean=CLIP_MEAN, std=CLIP_STD, square=not anyres,
         pad_position="center", pad_value=0.0 if anyres else None,
+        center_crop=not anyres and bool(settings.get("do_center_crop", True)),
     )
     fovea_config = VLMConfig(
         vision=vcfg, connector=ConnectorConfig(name="llava_next" if anyres else "mlp"),

@@ -31,7 +31,11 @@ class ImageProcessor:
 
     def __call__(self, image: Any) -> PreparedImage:
         img = load_image(image, max_pixels=self.cfg.max_pixels)
-        if self.cfg.square:
+        original = (img.height, img.width)
+        if self.cfg.center_crop:
+            img = self._center_crop(img)
+            content = size = (img.height, img.width)
+        elif self.cfg.square:
             # The whole image fits inside one max_side square canvas: fixed-size encoders see their native size.
             side = self.encoder.input_size(self.cfg.max_side, self.cfg.max_side, self.cfg.max_side, True)[0]
             scale = side / max(img.height, img.width)
@@ -42,7 +46,21 @@ class ImageProcessor:
             content = self.encoder.resized_content(*args)
             size = self.encoder.input_size(*args)
         pixels = to_tensor(img, content=content, size=size, cfg=self.cfg)
-        return PreparedImage(pixels=pixels, original_size=(img.height, img.width), content_size=content)
+        return PreparedImage(pixels=pixels, original_size=original, content_size=content)
+
+    def _center_crop(self, img):
+        """Shorter side resized to the square side, long side scaled and truncated as transformers does, then the
+        centre square cut out (the image edges beyond it are lost: a choice of the checkpoint's processor)."""
+        from PIL import Image
+
+        side = self.encoder.input_size(self.cfg.max_side, self.cfg.max_side, self.cfg.max_side, True)[0]
+        short, long = min(img.height, img.width), max(img.height, img.width)
+        new_long = int(side * long / short)
+        height, width = (side, new_long) if img.height <= img.width else (new_long, side)
+        if (img.height, img.width) != (height, width):
+            img = img.resize((width, height), Image.Resampling.BICUBIC)
+        top, left = (height - side) // 2, (width - side) // 2
+        return img.crop((left, top, left + side, top + side))
 
 
 @dataclass
