@@ -48,7 +48,7 @@ def test_real_encoder_shapes_without_running_them():
     assert (vit.stride, vit.channels) == (14, 1024)
     assert vit.num_tokens(336, 336) == 576
     tiled = build_encoder(VisionConfig(name="vit-l14-336-anyres"))
-    assert tiled.num_tokens(672, 672) == 5 * 576  # four crops and the thumbnail
+    assert tiled.num_tokens(672 + 336, 672) == 5 * 576  # a 672x672 canvas of four crops, then the base-view row
 
 
 @pytest.mark.parametrize("connector", ["linear", "mlp", "avgpool", "perceiver", "qformer", "c_abstractor"])

@@ -9,7 +9,6 @@ import shutil
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from conftest import LM_INIT, TINY_ENCODERS
 from PIL import Image
 
@@ -77,11 +76,12 @@ def _fastvlm(tmp_path):
 
 
 def _llava_next_views(model: VLM, prompt):
-    """transformers' LLaVA-NeXT input for fovea's canvas: the base view, then the crops in raster order."""
-    pixels = prompt.images[0].pixels  # (3,H,W)
+    """transformers' LLaVA-NeXT input from fovea's: the base view, then the crops in raster order."""
+    pixels = prompt.images[0].pixels  # (3,(rows+1)*t,cols*t): canvas, then the base-view row
     t = model.encoder.tile
-    base = F.interpolate(pixels[None], size=(t, t), mode="bilinear", align_corners=False, antialias=True)  # (1,3,t,t)
-    crops = pixels.unfold(1, t, t).unfold(2, t, t).permute(1, 2, 0, 3, 4).reshape(-1, 3, t, t)  # (n,3,t,t)
+    base = pixels[None, :, -t:, :t]  # (1,3,t,t)
+    canvas = pixels[:, :-t]
+    crops = canvas.unfold(1, t, t).unfold(2, t, t).permute(1, 2, 0, 3, 4).reshape(-1, 3, t, t)  # (n,3,t,t)
     sizes = torch.tensor([prompt.images[0].original_size])
     return {"pixel_values": torch.cat([base, crops])[None], "image_sizes": sizes}
 
@@ -124,7 +124,7 @@ def test_llava_next_layout_unpads_and_adds_newlines(tmp_path):
     model = VLM.from_pretrained(path)
     # A 60x90 (h x w) page keeps most of its pixels on the 56x56 pinpoint: 2x2 crops of 2x2 cells each.
     prompt = model.processor()(MESSAGES, [PAGE])
-    assert tuple(prompt.images[0].pixels.shape[-2:]) == (56, 56)
+    assert tuple(prompt.images[0].pixels.shape[-2:]) == (56 + 28, 56)  # the canvas, then the base-view row
     # Base view: 2x2 = 4 tokens. Crops stitched to 4x4 cells; the content fills int(60 * 4/90) = 2 rows of 4 (one
     # padding row above and below is removed), and each row is closed by a newline: 2 * (4 + 1) = 10.
     assert prompt.num_visual_tokens == [4 + 10]
@@ -266,3 +266,25 @@ def test_llava_preprocessing_follows_the_saved_clip_processor(tmp_path):
     (path / "preprocessor_config.json").write_text(json.dumps({"do_center_crop": False}))
     padded = VLM.from_pretrained(path)
     assert padded.config.preprocess.square and not padded.config.preprocess.center_crop
+
+
+def test_llava_next_raw_image_parity_with_its_processor(tmp_path):
+    from transformers import LlavaNextImageProcessorPil
+
+    peer, path = _llava_next(tmp_path)
+    LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                               image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]]).save_pretrained(path)
+    model = VLM.from_pretrained(path).eval()
+    hf = LlavaNextImageProcessorPil.from_pretrained(path)
+    for image in (PAGE, PAGE.transpose(Image.Transpose.ROTATE_90), Image.effect_noise((41, 95), 30).convert("RGB")):
+        prompt = model.processor()(MESSAGES, [image])
+        theirs = hf(images=image, return_tensors="pt")
+        views = _llava_next_views(model, prompt)["pixel_values"]
+        assert views.shape == theirs["pixel_values"].shape
+        assert (views - theirs["pixel_values"]).abs().max().item() < 1e-5  # base view and crops, from the raw image
+        with torch.no_grad():
+            ours = model(prompt.input_ids[None], [prompt.images[0].pixels],
+                         image_sizes=[prompt.images[0].original_size]).logits
+            ref = peer(input_ids=prompt.input_ids[None], pixel_values=theirs["pixel_values"],
+                       image_sizes=theirs["image_sizes"]).logits
+        assert (ours - ref).abs().max().item() < 1e-4

@@ -104,7 +104,14 @@ def test_anyres_tiles_and_tokens():
     assert num_tiles((2160, 2880), grid_pinpoints(336, 6), 336) == 30
     enc = build_encoder(tiny_config("vit-l14-336-anyres").vision)
     proc = ImageProcessor(encoder=enc, cfg=PreprocessConfig())
-    pixels = proc(Image.new("RGB", (90, 30))).pixels  # wide: picks the 28x84 pinpoint -> 3 crops
-    assert pixels.shape[-2:] == (28, 84)
-    assert enc.num_tokens(28, 84) == (3 + 1) * 4  # crops + thumbnail, 2x2 patches each
-    assert enc.features(pixels[None]).shape[-2:] == enc.grid(28, 84)
+    image = Image.new("RGB", (90, 30), "red")
+    pixels = proc(image).pixels  # wide: picks the 28x84 pinpoint -> 3 crops, then a base-view row
+    assert pixels.shape[-2:] == (28 + 28, 84)
+    assert enc.num_tokens(56, 84) == (3 + 1) * 4  # crops + base view, 2x2 patches each
+    assert enc.features(pixels[None]).shape[-2:] == enc.grid(56, 84)
+    # The base view is the whole image squashed to one tile (no padding in it), as LLaVA-NeXT's processor makes it.
+    assert torch.allclose(pixels[:, 28:, :28], proc.__class__(encoder=enc, cfg=PreprocessConfig())(
+        image.resize((28, 28))).pixels[:, 28:, :28])
+    assert pixels[0, 28:, :28].std() < 1e-6 and pixels[0, 28:, :28].mean() > 0.9  # all red, no white padding
+    with pytest.raises(ValueError, match="no crop row above its base-view row"):
+        enc.grid(28, 84)

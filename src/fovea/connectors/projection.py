@@ -81,14 +81,18 @@ class LlavaNext(MLP):
 
     @staticmethod
     def _tiles(h: int, w: int, canvas: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of crops, from the grid and the encoder input size, which is (rows + 1) x cols tiles."""
         views = w // h  # crops + the base view, each g x g with g = h
         n = views - 1
-        rows = round(math.sqrt(n * canvas[0] / canvas[1]))  # canvas H/W = rows/cols and rows*cols = n
+        if h * views != w:
+            raise ValueError(f"grid {h}x{w} is not an AnyRes layout of {h}x{h} views")
         if n == 0:
             return 0, 0
-        if h * views != w or rows < 1 or n % rows:
-            raise ValueError(f"grid {h}x{w} on a {canvas[0]}x{canvas[1]} canvas is not an AnyRes tile layout")
-        return rows, n // rows
+        for rows in range(1, n + 1):
+            cols = n // rows
+            if rows * cols == n and (rows + 1) * canvas[1] == canvas[0] * cols:
+                return rows, cols
+        raise ValueError(f"grid {h}x{w} does not fit an AnyRes input of {canvas[0]}x{canvas[1]} pixels")
 
     @staticmethod
     def _unpadded(height: int, width: int, original: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -84,9 +84,11 @@ def convert_fastvlm(path: Path, config: dict) -> VLM:
     overrides = dict(vision.get("model_args") or {})
     image_token_id = int(config.get("image_token_index", config.get("image_token_id", 151646)))
     tokenizer, image_token = load_tokenizer(path, image_token_id)
-    # FastVLM feeds [0, 1] pixels (no normalisation) at 1024 px, padded to a square as it was trained.
-    pre = preprocess_config(read_image_processor(path), side=1024, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                            square=True, pad_position="center")
+    # FastVLM feeds [0, 1] pixels (no normalisation) at 1024 px, padded to a square as it was trained, unless the
+    # saved processor crops (then fovea crops as it does).
+    settings = read_image_processor(path)
+    pre = preprocess_config(settings, side=1024, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), square=True,
+                            pad_position="center", center_crop=bool(settings.get("do_center_crop", False)))
     fovea_config = VLMConfig(
         vision=VisionConfig(name="fastvithd", overrides=overrides), connector=ConnectorConfig(name="mlp"),
         lm=LMConfig(name="local", path=str(path)), preprocess=pre, image_token=image_token,

@@ -45,7 +45,10 @@ class ImageProcessor:
             args = (img.height, img.width, self.cfg.max_side, self.cfg.upscale)
             content = self.encoder.resized_content(*args)
             size = self.encoder.input_size(*args)
-        pixels = to_tensor(img, content=content, size=size, cfg=self.cfg)
+        if hasattr(self.encoder, "compose"):  # encoders with their own input layout (AnyRes tiles + base view)
+            pixels = self.encoder.compose(img, content, self.cfg)
+        else:
+            pixels = to_tensor(img, content=content, size=size, cfg=self.cfg)
         return PreparedImage(pixels=pixels, original_size=original, content_size=content)
 
     def _center_crop(self, img):

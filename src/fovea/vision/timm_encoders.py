@@ -76,12 +76,15 @@ class ViT(Encoder):
 
 
 class TiledViT(Encoder):
-    """LLaVA-NeXT AnyRes: the image (resized to a pinpoint of whole tiles) is cut into ``tile`` px crops, plus one
-    thumbnail of the whole image; every crop goes through the ViT at its native size.
+    """LLaVA-NeXT AnyRes: the image, resized to fit a pinpoint of whole tiles and padded as the preprocessing says,
+    is cut into ``tile`` px crops; a base view (the whole original image squashed to one tile, as LLaVA-NeXT's
+    processor makes it) comes with it; every view goes through the ViT at its native size.
 
-    Output layout: the crops' grids laid side by side in raster order, the thumbnail last:
-    (B, C, g, g * (n + 1)) with g = tile / patch. Compressors that pool spatially therefore see crop boundaries,
-    which is the nature of this baseline; it is meant to be paired with a 1:1 connector.
+    Input layout (what ``compose`` builds from an image): the pinpoint canvas of rows x cols tiles, then one more
+    tile row whose first tile is the base view: (3, (rows + 1) * t, cols * t).
+    Output layout: the crops' grids laid side by side in raster order, the base view last:
+    (B, C, g, g * (n + 1)) with g = tile / patch and n = rows * cols. Compressors that pool spatially therefore see
+    crop boundaries, which is the nature of this baseline; the ``llava_next`` connector restores LLaVA-NeXT's order.
     """
 
     def __init__(self, cfg: VisionConfig) -> None:
@@ -98,30 +101,51 @@ class TiledViT(Encoder):
             if ph % self.tile or pw % self.tile:
                 raise ValueError(f"pinpoint {ph}x{pw} is not a multiple of the tile size {self.tile}")
 
+    def _tiles(self, height: int, width: int) -> tuple[int, int]:
+        rows, cols = height // self.tile - 1, width // self.tile  # the last tile row carries the base view
+        if rows < 1 or cols < 1:
+            raise ValueError(f"AnyRes input {height}x{width} has no crop row above its base-view row "
+                             f"(tile {self.tile}); build it with ImageProcessor / TiledViT.compose")
+        return rows, cols
+
     def grid(self, height: int, width: int) -> tuple[int, int]:
         g = self.tile // self.patch
-        n = (height // self.tile) * (width // self.tile)
-        return g, g * (n + 1)
+        rows, cols = self._tiles(height, width)
+        return g, g * (rows * cols + 1)
 
     def input_size(self, height: int, width: int, max_side: int, upscale: bool = False) -> tuple[int, int]:
+        th, tw = self.canvas_size(height, width)
+        return th + self.tile, tw
+
+    def canvas_size(self, height: int, width: int) -> tuple[int, int]:
         from fovea.preprocess.anyres import select_best_resolution
 
         return select_best_resolution((height, width), self.pinpoints)
 
     def resized_content(self, height: int, width: int, max_side: int, upscale: bool = False) -> tuple[int, int]:
-        th, tw = self.input_size(height, width, max_side, upscale)
+        th, tw = self.canvas_size(height, width)
         scale = min(th / height, tw / width)
         return min(th, math.ceil(height * scale)), min(tw, math.ceil(width * scale))
+
+    def compose(self, image, content: tuple[int, int], cfg) -> torch.Tensor:
+        """The input tensor for one decoded image: the padded canvas, then the base-view row."""
+        from fovea.preprocess.image import to_tensor
+
+        canvas = self.canvas_size(image.height, image.width)
+        pixels = to_tensor(image, content=content, size=canvas, cfg=cfg)  # (3,H,W)
+        base = to_tensor(image, content=(self.tile, self.tile), size=(self.tile, self.tile), cfg=cfg)  # (3,t,t)
+        strip = F.pad(base, (0, canvas[1] - self.tile))  # (3,t,W); right of the base view is never read
+        return torch.cat([pixels, strip], dim=1)  # (3,H+t,W)
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         self.check_input(pixels)
         b, _, height, width = pixels.shape
-        rows, cols, t = height // self.tile, width // self.tile, self.tile
+        (rows, cols), t = self._tiles(height, width), self.tile
+        canvas, base = pixels[:, :, : rows * t], pixels[:, :, rows * t:, :t]  # (B,3,rows*t,cols*t), (B,3,t,t)
         # (B,3,rows*t,cols*t) -> (B*rows*cols,3,t,t), crops in raster order
-        crops = pixels.unfold(2, t, t).unfold(3, t, t)  # (B,3,rows,cols,t,t)
-        crops = crops.permute(0, 2, 3, 1, 4, 5).reshape(b * rows * cols, 3, t, t)
-        thumb = F.interpolate(pixels, size=(t, t), mode="bilinear", align_corners=False, antialias=True)  # (B,3,t,t)
-        views = torch.cat([crops.reshape(b, rows * cols, 3, t, t), thumb[:, None]], dim=1)  # (B,n+1,3,t,t)
+        crops = canvas.unfold(2, t, t).unfold(3, t, t)  # (B,3,rows,cols,t,t)
+        crops = crops.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, 3, t, t)
+        views = torch.cat([crops, base[:, None]], dim=1)  # (B,n+1,3,t,t)
         feats = self.model.forward_intermediates(views.flatten(0, 1), indices=[self.layer], intermediates_only=True)[0]
         g = t // self.patch
         # (B*(n+1),C,g,g) -> (B,C,g,(n+1)*g): views side by side along the width
