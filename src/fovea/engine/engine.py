@@ -112,6 +112,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.lock = threading.Lock()
+        self.encode_lock = threading.Lock()  # serialises encoding and guards the encoder cache
         self.wakeup = threading.Condition(self.lock)
         self.encoder_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.counter = itertools.count()
@@ -156,7 +157,13 @@ class Engine:
 
     def _visual_tokens(self, prompt, metrics: RequestMetrics) -> torch.Tensor:
         """(N,D) visual tokens for the prompt's images; an image seen before (same pixels, same instruction) is
-        not encoded again."""
+        not encoded again. One encode runs at a time: concurrent requests for the same page wait for the first
+        one's tokens instead of encoding it again, and request threads do not oversubscribe the cores that the
+        decode loop needs."""
+        with self.encode_lock:
+            return self._visual_tokens_locked(prompt, metrics)
+
+    def _visual_tokens_locked(self, prompt, metrics: RequestMetrics) -> torch.Tensor:
         model = self.model
         aware = model.config.connector.instruction_aware
         keys, missing = [], []
