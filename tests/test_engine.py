@@ -85,6 +85,36 @@ def test_encoder_cache_encodes_a_page_once():
     assert first.metrics.visual_tokens == second.metrics.visual_tokens == 12
 
 
+def test_concurrent_requests_for_one_page_encode_it_once():
+    import threading
+    import time
+
+    model = VLM.from_config(tiny_config("fastvithd", "mlp")).eval()
+    engine = Engine(model, EngineConfig(max_batch=8, max_len=256))
+    calls = []
+    encode = model.encode
+
+    def slow_encode(pixels):
+        calls.append(len(pixels))
+        time.sleep(0.2)  # long enough that every thread arrives while the first encode runs
+        return encode(pixels)
+
+    model.encode = slow_encode
+    image = Image.effect_noise((200, 150), 50).convert("RGB")
+    msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}]
+    handles = []
+    threads = [threading.Thread(target=lambda: handles.append(
+        engine.add_request(msg, [image], SamplingParams(max_tokens=2)))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.run_until_done()
+    assert calls == [1]  # one encode; the five others waited and hit the cache
+    assert sorted(h.metrics.encoder_cache_hits for h in handles) == [0, 1, 1, 1, 1, 1]
+    assert len({tuple(h.tokens) for h in handles}) == 1
+
+
 def test_sampling_streaming_stop_and_metrics():
     torch.manual_seed(0)
     model = VLM.from_config(tiny_config("fastvithd", "perceiver")).eval()
