@@ -89,6 +89,15 @@ class Request:
     done: bool = False
 
 
+@dataclass
+class _Pending:
+    """An image one request is encoding; others asking for it wait on ``done``."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    tokens: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
 class Engine:
     def __init__(self, model: VLM, config: EngineConfig | None = None, *, backend: str = "segments") -> None:
         self.model = model.eval()
@@ -112,7 +121,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.lock = threading.Lock()
-        self.encode_lock = threading.Lock()  # serialises encoding and guards the encoder cache
+        self.encode_lock = threading.Lock()  # guards the encoder cache and the in-flight encodes (never held to encode)
+        self.in_flight: dict[str, _Pending] = {}  # images some request is encoding now, by content key
         self.wakeup = threading.Condition(self.lock)
         self.encoder_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.counter = itertools.count()
@@ -157,44 +167,74 @@ class Engine:
 
     def _visual_tokens(self, prompt, metrics: RequestMetrics) -> torch.Tensor:
         """(N,D) visual tokens for the prompt's images; an image seen before (same pixels, same instruction) is
-        not encoded again. One encode runs at a time: concurrent requests for the same page wait for the first
-        one's tokens instead of encoding it again, and request threads do not oversubscribe the cores that the
-        decode loop needs."""
-        with self.encode_lock:
-            return self._visual_tokens_locked(prompt, metrics)
-
-    def _visual_tokens_locked(self, prompt, metrics: RequestMetrics) -> torch.Tensor:
+        not encoded again, and an image another request is encoding right now is waited for, not encoded twice.
+        Different images still encode in parallel on their request threads."""
         model = self.model
         aware = model.config.connector.instruction_aware
-        keys, missing = [], []
+        keys = []
         for i, img in enumerate(prompt.images):
             h = hashlib.sha256(img.pixels.numpy().tobytes())
             h.update(repr(img.original_size).encode())  # LLaVA-NeXT's token layout depends on it
             if aware:
                 h.update(prompt.instructions[i].numpy().tobytes())
             keys.append(h.hexdigest())
-            if keys[-1] not in self.encoder_cache:
-                missing.append(i)
-        metrics.encoder_cache_hits = len(prompt.images) - len(missing)
-        if missing:
-            t0 = time.perf_counter()
-            feats = model.encode([prompt.images[i].pixels for i in missing])
-            t1 = time.perf_counter()
-            layouts = [(tuple(prompt.images[i].pixels.shape[-2:]), prompt.images[i].original_size) for i in missing]
-            tokens = model.compress(feats, [prompt.instructions[i] for i in missing] if aware else None, layouts)
-            t2 = time.perf_counter()
+        mine: dict[str, _Pending] = {}  # keys this request encodes
+        waits: dict[str, _Pending] = {}  # keys another request is encoding
+        todo: list[int] = []
+        results: dict[str, torch.Tensor] = {}
+        with self.encode_lock:
+            for i, key in enumerate(keys):
+                if key in self.encoder_cache:
+                    results[key] = self.encoder_cache[key]  # held here: a later eviction cannot take it away
+                    continue
+                if key in mine or key in waits:
+                    continue
+                if key in self.in_flight and self.config.encoder_cache > 0:  # cache off: no reuse of any kind
+                    waits[key] = self.in_flight[key]
+                else:
+                    mine[key] = _Pending()
+                    self.in_flight.setdefault(key, mine[key])
+                    todo.append(i)
+        metrics.encoder_cache_hits = len(keys) - len(todo)
+        if todo:
+            try:
+                t0 = time.perf_counter()
+                feats = model.encode([prompt.images[i].pixels for i in todo])
+                t1 = time.perf_counter()
+                layouts = [(tuple(prompt.images[i].pixels.shape[-2:]), prompt.images[i].original_size) for i in todo]
+                tokens = model.compress(feats, [prompt.instructions[i] for i in todo] if aware else None, layouts)
+                t2 = time.perf_counter()
+            except BaseException as err:
+                with self.encode_lock:
+                    for key, pending in mine.items():
+                        pending.error = err
+                        pending.done.set()
+                        if self.in_flight.get(key) is pending:
+                            del self.in_flight[key]
+                raise
             metrics.encode_ms, metrics.compress_ms = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
-            for i, tok in zip(missing, tokens, strict=True):
-                self.encoder_cache[keys[i]] = tok
-        visual = []
-        for key in keys:
-            self.encoder_cache.move_to_end(key)
-            visual.append(self.encoder_cache[key])
-        while len(self.encoder_cache) > self.config.encoder_cache:
-            self.encoder_cache.popitem(last=False)
-        if not visual:
+            with self.encode_lock:
+                for i, tok in zip(todo, tokens, strict=True):
+                    results[keys[i]] = tok
+                    self.encoder_cache[keys[i]] = tok
+                    mine[keys[i]].tokens = tok
+                    mine[keys[i]].done.set()
+                    if self.in_flight.get(keys[i]) is mine[keys[i]]:
+                        del self.in_flight[keys[i]]
+        for key, pending in waits.items():
+            pending.done.wait()
+            if pending.error is not None:
+                raise ValueError(f"encoding this image failed in a concurrent request: {pending.error}")
+            results[key] = pending.tokens
+        with self.encode_lock:
+            for key in keys:
+                if key in self.encoder_cache:
+                    self.encoder_cache.move_to_end(key)
+            while len(self.encoder_cache) > self.config.encoder_cache:
+                self.encoder_cache.popitem(last=False)
+        if not keys:
             return torch.empty(0, model.lm.config.hidden_size, device=model.device, dtype=model.lm.dtype)
-        return torch.cat(visual)
+        return torch.cat([results[key] for key in keys])
 
     # ----- one step ----------------------------------------------------------------------------------------
     def has_work(self) -> bool:
