@@ -37,7 +37,7 @@ class ImageProcessor:
             content = size = (img.height, img.width)
         elif self.cfg.square:
             # The whole image fits inside one max_side square canvas: fixed-size encoders see their native size.
-            side = self.encoder.input_size(self.cfg.max_side, self.cfg.max_side, self.cfg.max_side, True)[0]
+            side = self._square_side()
             scale = side / max(img.height, img.width)
             content = (min(side, max(1, round(img.height * scale))), min(side, max(1, round(img.width * scale))))
             size = (side, side)
@@ -51,12 +51,16 @@ class ImageProcessor:
             pixels = to_tensor(img, content=content, size=size, cfg=self.cfg)
         return PreparedImage(pixels=pixels, original_size=original, content_size=content)
 
+    def _square_side(self) -> int:
+        """Side of the square input (``square`` and ``center_crop``): max_side rounded up to the encoder stride."""
+        return self.encoder.input_size(self.cfg.max_side, self.cfg.max_side, self.cfg.max_side, True)[0]
+
     def _center_crop(self, img):
         """Shorter side resized to the square side, long side scaled and truncated as transformers does, then the
         centre square cut out (the image edges beyond it are lost: a choice of the checkpoint's processor)."""
         from PIL import Image
 
-        side = self.encoder.input_size(self.cfg.max_side, self.cfg.max_side, self.cfg.max_side, True)[0]
+        side = self._square_side()
         short, long = min(img.height, img.width), max(img.height, img.width)
         new_long = int(side * long / short)
         height, width = (side, new_long) if img.height <= img.width else (new_long, side)
@@ -72,6 +76,7 @@ class Prompt:
     images: list[PreparedImage]  # in the order their placeholders appear
     num_visual_tokens: list[int]  # visual tokens per image, from the model's own counting function
     instructions: list[torch.Tensor]  # per image, token ids of the text of the message it came in (Q-Former input)
+    messages: list[dict]  # the messages as templated: content flattened to text with image placeholders
 
 
 def message_text(content: str | Sequence[dict], image_token: str) -> tuple[str, int]:
@@ -125,7 +130,7 @@ class Processor:
         ids = self._ids(text)
         counts = [self.num_visual_tokens(*p.pixels.shape[-2:], p.original_size) for p in prepared]
         return Prompt(input_ids=self.expand(ids, counts), images=prepared, num_visual_tokens=counts,
-                      instructions=instructions)
+                      instructions=instructions, messages=templated)
 
     def _ids(self, text: str, tokenizer: Any = None) -> torch.Tensor:
         tokenizer = tokenizer or self.tokenizer
@@ -133,9 +138,14 @@ class Processor:
 
     def expand(self, ids: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Replace the i-th placeholder id in ``ids`` (L,) by ``counts[i]`` copies of it."""
+        return ids.repeat_interleave(self.repeats(ids, counts))
+
+    def repeats(self, ids: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """(L,) copies of each position of ``ids`` that ``expand`` makes: ``counts[i]`` at the i-th placeholder, 1
+        elsewhere; what any tensor aligned with ``ids`` (labels, masks) is expanded by."""
         positions = (ids == self.image_token_id).nonzero().flatten().tolist()
         if len(positions) != len(counts):
             raise ValueError(f"prompt has {len(positions)} image placeholders but {len(counts)} images were given")
         repeats = torch.ones_like(ids)
         repeats[positions] = torch.tensor(counts, dtype=torch.long) if counts else repeats[positions]
-        return ids.repeat_interleave(repeats)
+        return repeats

@@ -36,7 +36,7 @@ class Record:
     images: list[str] = field(default_factory=list)  # image paths, resolved against the data file's folder
 
 
-def read_records(path: str | Path, image_token: str = "<image>") -> list[Record]:
+def read_records(path: str | Path) -> list[Record]:
     """A JSON list or JSONL file of records in either format:
     LLaVA: ``{"id", "image": path | [paths], "conversations": [{"from": "human"|"gpt", "value"}]}``;
     messages: ``{"id", "images": [paths], "messages": [{"role", "content"}]}``."""
@@ -78,22 +78,31 @@ def encode_record(record: Record, processor: Any) -> Sample:
     for p in record.images:
         if not Path(p).is_file():
             raise DataError(record.id, f"image file {p!r} does not exist")
-    try:
-        prepared = [processor.image_processor(p) for p in record.images]
+    try:  # the model's own processor: images, chat template, placeholder expansion, instructions
+        prompt = processor(messages, record.images, add_generation_prompt=False)
     except ValueError as err:
-        raise DataError(record.id, f"image cannot be used: {err}") from None
-    tokenizer, image_token = processor.tokenizer, processor.image_token
-    count = sum(str(m["content"]).count(image_token) for m in messages)
-    if count != len(prepared):
-        raise DataError(record.id, f"{count} {image_token} placeholders but {len(prepared)} images")
-    # Each message's tokens are the difference between the templates of successive prefixes of the conversation.
+        raise DataError(record.id, f"cannot be prepared: {err}") from None
+    ids, labels = _answer_labels(prompt.messages, processor.tokenizer, record.id)  # (L0,), (L0,) unexpanded
+    repeats = processor.repeats(ids, prompt.num_visual_tokens)  # (L0,)
+    if not torch.equal(ids.repeat_interleave(repeats), prompt.input_ids):
+        raise DataError(record.id, "the chat template renders the conversation differently prefix by prefix")
+    label_ids = labels.repeat_interleave(repeats)  # (L,)
+    label_ids[prompt.input_ids == processor.image_token_id] = IGNORE_INDEX
+    return Sample(input_ids=prompt.input_ids, labels=label_ids, images=[p.pixels for p in prompt.images],
+                  instructions=prompt.instructions, visual_tokens=prompt.num_visual_tokens,
+                  image_sizes=[p.original_size for p in prompt.images], id=record.id)
+
+
+def _answer_labels(messages: list[dict], tokenizer: Any, record_id: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the templated conversation and labels that keep only the assistant turns' tokens after their
+    role header. Each message's tokens are the difference between the templates of successive prefixes."""
     ids: list[int] = []
     labels: list[int] = []
     for k in range(1, len(messages) + 1):
         text = tokenizer.apply_chat_template(messages[:k], tokenize=False)
         full = tokenizer(text, add_special_tokens=False)["input_ids"]
         if full[: len(ids)] != ids:
-            raise DataError(record.id, "the chat template does not render conversations prefix by prefix")
+            raise DataError(record_id, "the chat template does not render conversations prefix by prefix")
         new = full[len(ids):]
         if messages[k - 1]["role"] == "assistant":
             # The role header the template opens the turn with is prompt, not answer: learn only what follows it.
@@ -105,25 +114,7 @@ def encode_record(record: Record, processor: Any) -> Sample:
         else:
             labels += [IGNORE_INDEX] * len(new)
         ids = full
-    counts = [processor.num_visual_tokens(*p.pixels.shape[-2:], p.original_size) for p in prepared]
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    repeats = torch.ones_like(input_ids)
-    positions = (input_ids == processor.image_token_id).nonzero().flatten()
-    if len(positions) != len(counts):
-        raise DataError(record.id, f"template kept {len(positions)} of {len(counts)} image placeholders")
-    if counts:
-        repeats[positions] = torch.tensor(counts)
-    input_ids = input_ids.repeat_interleave(repeats)  # (L,)
-    label_ids = torch.tensor(labels, dtype=torch.long).repeat_interleave(repeats)  # (L,)
-    label_ids[input_ids == processor.image_token_id] = IGNORE_INDEX
-    instructions = []
-    for m in messages:
-        n = str(m["content"]).count(image_token)
-        plain = str(m["content"]).replace(image_token, " ").strip()
-        instructions += [processor._ids(plain, processor.instruction_tokenizer)] * n
-    return Sample(input_ids=input_ids, labels=label_ids, images=[p.pixels for p in prepared],
-                  instructions=instructions, visual_tokens=counts,
-                  image_sizes=[p.original_size for p in prepared], id=record.id)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
 @dataclass
@@ -132,6 +123,7 @@ class Dataset:
 
     samples: list[Sample]
     skipped: list[tuple[Any, str]]
+    records: list[Record]  # the record each sample came from, index for index
 
 
 def load_dataset(
@@ -142,13 +134,14 @@ def load_dataset(
     (id and reason) and goes on. Conversations longer than ``max_len`` tokens count as bad records."""
     if on_bad not in ("stop", "skip"):
         raise ValueError(f"on_bad must be 'stop' or 'skip', got {on_bad!r}")
-    samples, skipped = [], []
-    for record in read_records(path, processor.image_token):
+    samples, skipped, records = [], [], []
+    for record in read_records(path):
         try:
             sample = encode_record(record, processor)
             if max_len is not None and len(sample) > max_len:
                 raise DataError(record.id, f"{len(sample)} tokens, over the maximum sequence length {max_len}")
             samples.append(sample)
+            records.append(record)
         except DataError as err:
             if on_bad == "stop":
                 raise
@@ -156,7 +149,7 @@ def load_dataset(
             report(f"fovea: skipping {err}")
     if not samples:
         raise ValueError(f"no usable records in {str(path)!r} ({len(skipped)} skipped)")
-    return Dataset(samples=samples, skipped=skipped)
+    return Dataset(samples=samples, skipped=skipped, records=records)
 
 
 def split_ids(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[int], list[int]]:

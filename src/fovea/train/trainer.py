@@ -310,15 +310,14 @@ def _load_model(cfg: TrainConfig, device: torch.device):
     return model.to(device)
 
 
-def _packed_loss(model, module, batch) -> tuple[torch.Tensor, int]:
-    """Sum of token losses of one packed stream, and its label count."""
+def _packed_loss(model, batch) -> torch.Tensor:
+    """Sum of token losses of one packed stream."""
     kwargs = batch.lm_kwargs()
     kwargs.pop("labels", None)
     logits = model(batch.input_ids[None], batch.images, batch.instructions or None, batch.image_sizes,
                    **kwargs).logits  # (1,T,V)
     targets = batch.labels[1:].to(logits.device)  # position t predicts token t+1
-    loss = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
@@ -346,17 +345,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     data = load_dataset(cfg.data, processor, on_bad=cfg.on_bad, max_len=cfg.max_len, report=say)
     samples = data.samples
     if cfg.eval_data:
-        eval_records = read_records(cfg.eval_data)
-    else:
+        eval_records = read_records(cfg.eval_data)[: cfg.eval_samples]
+        for r in eval_records:  # reject a bad held-out record now rather than at the first evaluation
+            encode_record(r, processor)
+    else:  # held-out records were encoded with the rest: they are known good
         train_ids, eval_ids = split_ids(samples, cfg.eval_fraction, cfg.seed)
-        by_id = {r.id: r for r in read_records(cfg.data)}
-        eval_records = [by_id[samples[i].id] for i in eval_ids]
+        eval_records = [data.records[i] for i in eval_ids][: cfg.eval_samples]
         samples = [samples[i] for i in train_ids]
     if not samples:
         raise ValueError("no training samples left after holding out the evaluation share")
-    eval_records = eval_records[: cfg.eval_samples]
-    for r in eval_records:  # reject a bad held-out record now rather than at the first evaluation
-        encode_record(r, processor)
     say(f"fovea train: {len(samples)} training samples, {len(eval_records)} held-out questions, "
         f"{len(data.skipped)} records skipped")
 
@@ -415,7 +412,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             for k, batch in enumerate(batches):
                 sync = k == len(batches) - 1 or world == 1 or cfg.parallel != "ddp"
                 with (nullcontext() if sync else wrapped.no_sync()), autocast():
-                    loss, _ = _packed_loss(wrapped, model, batch)
+                    loss = _packed_loss(wrapped, batch)
                 # DDP averages gradients over processes: scale so the result is the global per-token mean.
                 (loss * world / total_labels).backward()
                 loss_sum += float(loss.detach())
