@@ -199,6 +199,15 @@ def test_mismatched_and_truncated_checkpoints_name_the_problem(tmp_path):
         VLM.from_pretrained(unknown)
 
 
+def _assert_same_logits(model: VLM, peer) -> None:
+    """fovea's logits equal a single-view peer's (LLaVA, FastVLM) on the page, given the same pixels."""
+    prompt = model.processor()(MESSAGES, [PAGE])
+    with torch.no_grad():
+        ours = model(prompt.input_ids[None], [prompt.images[0].pixels]).logits
+        theirs = peer(input_ids=prompt.input_ids[None], pixel_values=prompt.images[0].pixels[None]).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
 def test_current_key_layout_loads_too(tmp_path):
     """Published LLaVA checkpoints use the older key layout (what transformers writes); the in-memory one
     (``model.language_model.``...) is read as well."""
@@ -208,12 +217,7 @@ def test_current_key_layout_loads_too(tmp_path):
     state = {k: v.contiguous() for k, v in peer.state_dict().items()}
     assert any(k.startswith("model.language_model.") for k in state)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    model = VLM.from_pretrained(path).eval()
-    prompt = model.processor()(MESSAGES, [PAGE])
-    with torch.no_grad():
-        ours = model(prompt.input_ids[None], [prompt.images[0].pixels]).logits
-        theirs = peer(input_ids=prompt.input_ids[None], pixel_values=prompt.images[0].pixels[None]).logits
-    assert (ours - theirs).abs().max().item() < 1e-4
+    _assert_same_logits(VLM.from_pretrained(path).eval(), peer)
 
 
 def test_fovea_convert_cli(tmp_path, capsys):
@@ -236,12 +240,7 @@ def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):
     _tokenizer().save_pretrained(path)
     shards = sorted(path.glob("model-*.safetensors"))
     assert len(shards) > 1 and (path / "model.safetensors.index.json").is_file()
-    model = VLM.from_pretrained(path).eval()
-    prompt = model.processor()(MESSAGES, [PAGE])
-    with torch.no_grad():
-        ours = model(prompt.input_ids[None], [prompt.images[0].pixels]).logits
-        theirs = peer(input_ids=prompt.input_ids[None], pixel_values=prompt.images[0].pixels[None]).logits
-    assert (ours - theirs).abs().max().item() < 1e-4
+    _assert_same_logits(VLM.from_pretrained(path).eval(), peer)
     shards[-1].unlink()
     with pytest.raises(ValueError, match=f"incomplete: shard files \\['{shards[-1].name}'\\] are missing"):
         VLM.from_pretrained(path)

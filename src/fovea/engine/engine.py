@@ -26,7 +26,7 @@ import torch
 from fovea.attention import use_backend
 from fovea.engine.cache import SlotKVCache
 from fovea.engine.sampling import SamplingParams, sample
-from fovea.model import VLM
+from fovea.model import VLM, image_layouts
 
 
 @dataclass
@@ -199,9 +199,10 @@ class Engine:
         if todo:
             try:
                 t0 = time.perf_counter()
-                feats = model.encode([prompt.images[i].pixels for i in todo])
+                pixels = [prompt.images[i].pixels for i in todo]
+                feats = model.encode(pixels)
                 t1 = time.perf_counter()
-                layouts = [(tuple(prompt.images[i].pixels.shape[-2:]), prompt.images[i].original_size) for i in todo]
+                layouts = image_layouts(pixels, [prompt.images[i].original_size for i in todo])
                 tokens = model.compress(feats, [prompt.instructions[i] for i in todo] if aware else None, layouts)
                 t2 = time.perf_counter()
             except BaseException as err:

@@ -42,6 +42,14 @@ def font(size: int, *, bold: bool = False, mono: bool = False) -> ImageFont.Imag
     return ImageFont.load_default(size=size)
 
 
+def _blank(width: int, height: int, seed: int):
+    """A white page and what every renderer starts from: its RNG, drawing context, scale unit (layouts are
+    designed for 2160 px high pages and scaled), margin and first text line."""
+    page = Image.new("RGB", (width, height), "white")
+    unit = height / 2160
+    return random.Random(seed), page, ImageDraw.Draw(page), unit, int(140 * unit), int(110 * unit)
+
+
 @dataclass
 class Page:
     image: Image.Image  # the rendered page, RGB
@@ -50,12 +58,8 @@ class Page:
 
 def render_contract(width: int = 2880, height: int = 2160, seed: int = 0) -> Page:
     """A services contract: title, parties, numbered clauses, a fee table and small print, scaled to the page."""
-    rng = random.Random(seed)
-    page = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(page)
-    unit = height / 2160  # layout is designed for 2160 px high pages and scaled
-    margin = int(140 * unit)
-    x, y = margin, int(110 * unit)
+    rng, page, draw, unit, margin, y = _blank(width, height, seed)
+    x = margin
     client, supplier = rng.sample(_PARTIES, 2)
     number = f"SA-{rng.randint(1000, 9999)}-{rng.randint(10, 99)}"
     date = f"{rng.randint(1, 28):02d}.{rng.randint(1, 12):02d}.{rng.randint(2019, 2026)}"
@@ -143,11 +147,7 @@ _NAMES = ["Ana Ruiz", "Tomasz Nowak", "Mei Tanaka", "Oluwaseun Adeyemi", "Lars E
 
 def render_invoice(width: int = 2880, height: int = 2160, seed: int = 0) -> Page:
     """An invoice: header fields, a line-item table with exact totals, payment terms in small print."""
-    rng = random.Random(seed)
-    page = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(page)
-    unit = height / 2160
-    margin, y = int(140 * unit), int(110 * unit)
+    rng, page, draw, unit, margin, y = _blank(width, height, seed)
     seller, buyer = rng.sample(_PARTIES, 2)
     number = f"INV-{rng.randint(100000, 999999)}"
     date = f"{rng.randint(1, 28):02d}.{rng.randint(1, 12):02d}.{rng.randint(2019, 2026)}"
@@ -187,11 +187,7 @@ def render_invoice(width: int = 2880, height: int = 2160, seed: int = 0) -> Page
 
 def render_form(width: int = 2880, height: int = 2160, seed: int = 0) -> Page:
     """A filled application form: labelled boxes in two columns, a checkbox row and a signature line."""
-    rng = random.Random(seed)
-    page = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(page)
-    unit = height / 2160
-    margin, y = int(140 * unit), int(110 * unit)
+    rng, page, draw, unit, margin, y = _blank(width, height, seed)
     draw.text((margin, y), "EQUIPMENT LOAN APPLICATION", font=font(int(60 * unit), bold=True), fill="black")
     y += int(130 * unit)
     values = {
