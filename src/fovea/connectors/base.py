@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fovea.config import ConnectorConfig
+from fovea.registry import Registry
 
 
 class Connector(nn.Module):
@@ -88,24 +89,16 @@ def sincos_2d(h: int, w: int, dim: int, *, device=None, dtype=None) -> torch.Ten
 
 
 ConnectorBuilder = Callable[[ConnectorConfig, int, int], Connector]
-_CONNECTORS: dict[str, ConnectorBuilder] = {}
+_CONNECTORS: Registry[ConnectorBuilder] = Registry("connector")
 
 
 def register_connector(name: str) -> Callable[[ConnectorBuilder], ConnectorBuilder]:
-    def wrap(builder: ConnectorBuilder) -> ConnectorBuilder:
-        if name in _CONNECTORS:
-            raise ValueError(f"connector {name!r} is already registered")
-        _CONNECTORS[name] = builder
-        return builder
-
-    return wrap
+    return _CONNECTORS.register(name)
 
 
 def available_connectors() -> list[str]:
-    return sorted(_CONNECTORS)
+    return _CONNECTORS.names()
 
 
 def build_connector(cfg: ConnectorConfig, *, in_channels: int, out_dim: int) -> Connector:
-    if cfg.name not in _CONNECTORS:
-        raise ValueError(f"unknown connector {cfg.name!r}; available: {available_connectors()}")
-    return _CONNECTORS[cfg.name](cfg, in_channels, out_dim)
+    return _CONNECTORS.get(cfg.name)(cfg, in_channels, out_dim)

@@ -11,24 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fovea.interop.common import read_config
+from fovea.registry import Registry
 
 Converter = Callable[[Path, dict], "object"]
-_CONVERTERS: dict[str, Converter] = {}
+_CONVERTERS: Registry[Converter] = Registry("converter for model_type")
 
 
 def register_converter(*model_types: str) -> Callable[[Converter], Converter]:
-    def wrap(fn: Converter) -> Converter:
-        for name in model_types:
-            if name in _CONVERTERS:
-                raise ValueError(f"a converter for {name!r} is already registered")
-            _CONVERTERS[name] = fn
-        return fn
-
-    return wrap
+    return _CONVERTERS.register(*model_types)
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_CONVERTERS)
+    return _CONVERTERS.names()
 
 
 def convert_checkpoint(path: str | Path):
@@ -39,7 +33,7 @@ def convert_checkpoint(path: str | Path):
     if kind not in _CONVERTERS:
         raise ValueError(f"{str(path)!r} holds a {kind!r} checkpoint; fovea converts {supported_model_types()} "
                          "and its own directories")
-    return _CONVERTERS[kind](path, config)
+    return _CONVERTERS.get(kind)(path, config)
 
 
 from fovea.interop import fastvlm as _fastvlm  # noqa: E402,F401  (registers fast_vlm)

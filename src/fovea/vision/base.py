@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fovea.config import VisionConfig
+from fovea.registry import Registry
 
 
 class Encoder(nn.Module):
@@ -75,27 +76,19 @@ def _round_up(n: int, k: int) -> int:
 
 
 EncoderBuilder = Callable[[VisionConfig], Encoder]
-_ENCODERS: dict[str, EncoderBuilder] = {}
+_ENCODERS: Registry[EncoderBuilder] = Registry("encoder")
 
 
 def register_encoder(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
-    def wrap(builder: EncoderBuilder) -> EncoderBuilder:
-        if name in _ENCODERS:
-            raise ValueError(f"encoder {name!r} is already registered")
-        _ENCODERS[name] = builder
-        return builder
-
-    return wrap
+    return _ENCODERS.register(name)
 
 
 def available_encoders() -> list[str]:
-    return sorted(_ENCODERS)
+    return _ENCODERS.names()
 
 
 def build_encoder(cfg: VisionConfig) -> Encoder:
-    if cfg.name not in _ENCODERS:
-        raise ValueError(f"unknown encoder {cfg.name!r}; available: {available_encoders()}")
-    encoder = _ENCODERS[cfg.name](cfg)
+    encoder = _ENCODERS.get(cfg.name)(cfg)
     if cfg.weights:
         load_encoder_weights(encoder, cfg.weights)
     return encoder
