@@ -92,7 +92,7 @@ def test_serve_bench_runs_every_mode(tmp_path):
     payload = run_serve_bench(model=model, llm="tiny-llama", levels=(1, 3), requests=6, max_tokens=6, threads=2,
                               out_dir=tmp_path, progress=lambda s: None)
     for level in ("1", "3"):
-        for mode in ("fovea", "fovea-encoder-cache", "hf-one-at-a-time", "hf-padded-batch"):
+        for mode in ("fovea", "fovea-caches-on", "hf-one-at-a-time", "hf-padded-batch"):
             r = payload["results"][level][mode]
             assert r["requests"] == 6 and not r["errors"], (level, mode, r["errors"])
             assert r["completion_tokens"] == sum(6 - (i % 3) for i in range(6))

@@ -115,6 +115,96 @@ def test_concurrent_requests_for_one_page_encode_it_once():
     assert len({tuple(h.tokens) for h in handles}) == 1
 
 
+
+def _ask(text: str, images: int = 1) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+def _image_span(model: VLM, handle) -> tuple[int, int]:
+    """(first image position, first position after the last image) of a request's prompt."""
+    where = (handle.prompt_keys >= 1 << 62).nonzero().flatten()
+    return int(where[0]), int(where[-1]) + 1
+
+
+def test_prefix_cache_reuses_a_page_and_equals_generate():
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config("fastvithd", "mlp", lm="tiny-qwen2")).eval()
+    reference_lm = copy.deepcopy(model.lm)
+    reference_lm.set_attn_implementation("sdpa")
+    reference_lm.generation_config.eos_token_id = None
+    pages = [Image.effect_noise((200, 130), 40).convert("RGB"), Image.effect_noise((128, 128), 60).convert("RGB")]
+    asks = [(0, "what is the total?"), (0, "who signed the contract, and when?"), (1, "what is the total?"),
+            (0, "what is the total?")]
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=512, step_tokens=48))
+    engine.eos_ids = set()
+    handles = []
+    for page, text in asks:  # one after another: each finds the earlier prompts in the cache
+        handles.append(engine.add_request(_ask(text), [pages[page]], SamplingParams(max_tokens=12)))
+        engine.run_until_done()
+        expected = _reference_tokens(model, reference_lm, _ask(text), [pages[page]], 12)
+        assert handles[-1].tokens == expected, text
+    cached = [h.metrics.cached_tokens for h in handles]
+    start, end = _image_span(model, handles[0])
+    lengths = [len(h.prompt_keys) for h in handles]
+    assert cached[0] == 0  # empty cache
+    assert end <= cached[1] < lengths[1]  # the same page: system prompt and every visual token reused
+    assert cached[2] == start  # another page: only the text before the image is shared
+    assert cached[3] == lengths[3] - 1  # the same prompt again: all but the position that yields the first token
+    assert len({tuple(h.tokens) for h in handles[:3]}) == 3 and handles[3].tokens == handles[0].tokens
+    off = Engine(model, EngineConfig(max_batch=2, max_len=512, step_tokens=48, prefix_cache=0))
+    off.eos_ids = set()
+    for page, text in asks:
+        off.add_request(_ask(text), [pages[page]], SamplingParams(max_tokens=12))
+        off.run_until_done()
+    assert off.stats["step_tokens"] - engine.stats["step_tokens"] == sum(cached)  # those positions were not computed
+
+
+@pytest.mark.parametrize("step_tokens", [2048, 40])
+def test_requests_arriving_together_prefill_a_page_once(step_tokens):
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config("fastvithd", "mlp", lm="tiny-qwen2")).eval()
+    reference_lm = copy.deepcopy(model.lm)
+    reference_lm.set_attn_implementation("sdpa")
+    reference_lm.generation_config.eos_token_id = None
+    page = Image.effect_noise((200, 130), 40).convert("RGB")
+    texts = ["what is the total?", "who signed?", "date", "read clause two to me please", "x"]
+    engine = Engine(model, EngineConfig(max_batch=8, max_len=512, step_tokens=step_tokens))
+    engine.eos_ids = set()
+    handles = [engine.add_request(_ask(t), [page], SamplingParams(max_tokens=8)) for t in texts]
+    engine.run_until_done()
+    _, end = _image_span(model, handles[0])
+    cached = sorted(h.metrics.cached_tokens for h in handles)
+    assert cached[0] == 0 and all(c >= end for c in cached[1:])  # one request prefilled the page, four copied it
+    for h, t in zip(handles, texts, strict=True):
+        assert h.tokens == _reference_tokens(model, reference_lm, _ask(t), [page], 8), t
+
+
+def test_prefix_cache_copies_exact_values_and_evicts_least_recently_used():
+    from fovea.engine.cache import PrefixCache, SlotKVCache
+
+    cache = SlotKVCache(num_layers=2, num_kv_heads=2, head_dim=4, slots=3, max_len=16, dtype=torch.float32,
+                        device=torch.device("cpu"))
+    for layer in range(2):
+        cache.k[layer].normal_()
+        cache.v[layer].normal_()
+    prefix = PrefixCache(capacity=20)
+    a, b = torch.arange(10), torch.cat([torch.arange(6), torch.tensor([99, 98])])
+    prefix.store(a, cache, slot=0)
+    assert prefix.match(b)[1] == 6 and prefix.match(torch.tensor([5, 1]))[1] == 0
+    assert prefix.load(b, cache, slot=2, limit=7) == 6
+    for layer in range(2):  # slot 2 now starts with slot 0's first six positions, exactly
+        assert torch.equal(cache.k[layer][:, 32:38], cache.k[layer][:, 0:6])
+        assert torch.equal(cache.v[layer][:, 32:38], cache.v[layer][:, 0:6])
+    assert prefix.load(a, cache, slot=2, limit=4) == 4  # never beyond the limit
+    prefix.store(b, cache, slot=1)  # 10 + 8 positions held
+    prefix.store(a, cache, slot=0)  # already held whole: nothing added, a becomes most recent
+    assert prefix.held == 18 and prefix.stats["stored"] == 2
+    prefix.store(torch.arange(50, 55), cache, slot=1)  # 23 > 20: the least recently used (b) goes
+    assert prefix.held == 15 and prefix.match(b)[1] == 6 and prefix.stats["evicted"] == 1
+    prefix.store(torch.arange(30), cache, slot=1)  # larger than the whole cache: not kept, nothing evicted
+    assert prefix.held == 15
+
+
 def test_sampling_streaming_stop_and_metrics():
     torch.manual_seed(0)
     model = VLM.from_config(tiny_config("fastvithd", "perceiver")).eval()

@@ -81,7 +81,8 @@ def cmd_serve(model: str | None, host: str, port: int, args: argparse.Namespace)
     from fovea.serve import create_app
 
     vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, flush=True))
-    engine = Engine(vlm, EngineConfig(max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting))
+    engine = Engine(vlm, EngineConfig(max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
+                                      encoder_cache=args.encoder_cache, prefix_cache=args.prefix_cache))
     engine.start()
     app = create_app(engine, model_name=args.name, api_key=args.api_key, local_image_dir=args.allow_local_dir)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-local-dir", default=None, help="allow image_url file paths inside this directory")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoding at once")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
+    p.add_argument("--encoder-cache", type=int, default=32, help="images whose visual tokens are kept (0: off)")
+    p.add_argument("--prefix-cache", type=int, default=8192,
+                   help="prompt positions whose keys/values are kept for prompts that begin the same way (0: off)")
     p.set_defaults(run=lambda a: cmd_serve(a.model, a.host, a.port, a))
 
     p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)

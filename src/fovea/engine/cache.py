@@ -1,14 +1,16 @@
-"""A slot KV cache that attention reads in place, and the per-step plan that says where each token goes.
+"""A slot KV cache that attention reads in place, the per-step plan that says where each token goes, and a prefix
+cache that lets a prompt reuse the keys/values of an earlier prompt that started the same way.
 
 Each request owns a slot of ``max_len`` positions in every layer. Storage per layer is (K, slots*max_len, d), so a
 sequence's keys are one contiguous slice [slot*max_len, slot*max_len + length): the varlen backends attend to that
 slice directly, nothing is gathered or padded.
 
-Notation: K key/value heads, d head width, T tokens in the step's packed stream, H query heads.
+Notation: K key/value heads, d head width, T tokens in the step's packed stream, H query heads, L prompt positions.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,18 @@ class SlotKVCache:
         device = self.k[0].device
         self.plan = StepPlan(torch.cat(index).to(device), q_ranges, k_ranges)
 
+    def read(self, slot: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of a slot's first ``length`` positions: keys and values per layer, each (K,length,d)."""
+        base = slot * self.max_len
+        return ([k[:, base:base + length].clone() for k in self.k], [v[:, base:base + length].clone() for v in self.v])
+
+    def write(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        """Fill a slot's first ``length`` positions from per-layer (K,>=length,d) keys and values."""
+        base = slot * self.max_len
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self.k[layer][:, base:base + length] = k[:, :length]
+            self.v[layer][:, base:base + length] = v[:, :length]
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write this step's keys/values (1,K,T,d) into their slots, then attend: q (1,H,T,d) -> (T,H,d)."""
         plan = self.plan
@@ -61,3 +75,96 @@ class SlotKVCache:
         self.k[layer].index_copy_(1, plan.write_index, k[0].to(self.k[layer].dtype))
         self.v[layer].index_copy_(1, plan.write_index, v[0].to(self.v[layer].dtype))
         return ranges_attention(q, self.k[layer][None], self.v[layer][None], plan.q_ranges, plan.k_ranges, scale)
+
+
+@dataclass
+class _Prefix:
+    keys: torch.Tensor  # (L,) position keys of the prompt
+    k: list[torch.Tensor]  # per layer (K,L,d)
+    v: list[torch.Tensor]  # per layer (K,L,d)
+
+
+class PrefixCache:
+    """Keys/values of finished prompt prefills, reused by later prompts that begin with the same positions.
+
+    A position's key is its token id, or, inside an image, the image's content hash and the position within it
+    (``position_keys``), so a page asked about again reuses its system prompt and visual tokens and only the new
+    question is prefilled. Causal attention makes a position's keys/values depend only on the positions before it,
+    so any common prefix is reusable, to the token. Entries are whole prompts, evicted least recently used first;
+    ``capacity`` bounds the positions held (memory: capacity x layers x 2 x K x d x dtype bytes)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[int, _Prefix] = OrderedDict()
+        self.held = 0  # positions held over all entries
+        self._ids = 0
+        self.stats = {"lookups": 0, "hit_tokens": 0, "stored": 0, "evicted": 0}
+
+    def match(self, keys: torch.Tensor) -> tuple[int | None, int]:
+        """The entry sharing the longest prefix with ``keys`` (L,), and that prefix's length (0: none)."""
+        best, best_len = None, 0
+        for entry_id, entry in self.entries.items():
+            if min(len(entry.keys), len(keys)) <= best_len:
+                continue
+            length = shared_prefix(entry.keys, keys)
+            if length > best_len:
+                best, best_len = entry_id, length
+        return best, best_len
+
+    def load(self, keys: torch.Tensor, cache: SlotKVCache, slot: int, limit: int) -> int:
+        """Copy the longest cached prefix of ``keys`` (at most ``limit`` positions) into ``slot``; its length."""
+        self.stats["lookups"] += 1
+        entry_id, length = self.match(keys)
+        length = min(length, limit)
+        if entry_id is None or length <= 0:
+            return 0
+        entry = self.entries[entry_id]
+        self.entries.move_to_end(entry_id)
+        cache.write(slot, entry.k, entry.v, length)
+        self.stats["hit_tokens"] += length
+        return length
+
+    def store(self, keys: torch.Tensor, cache: SlotKVCache, slot: int) -> None:
+        """Keep the just-prefilled prompt in ``slot`` (its ``len(keys)`` positions) unless already held whole."""
+        entry_id, length = self.match(keys)
+        if entry_id is not None and length == len(keys):
+            self.entries.move_to_end(entry_id)
+            return
+        if len(keys) > self.capacity:
+            return
+        while self.held + len(keys) > self.capacity:
+            _, old = self.entries.popitem(last=False)
+            self.held -= len(old.keys)
+            self.stats["evicted"] += 1
+        k, v = cache.read(slot, len(keys))
+        self._ids += 1
+        self.entries[self._ids] = _Prefix(keys.clone(), k, v)
+        self.held += len(keys)
+        self.stats["stored"] += 1
+
+
+def shared_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the common prefix of two (L,) key sequences."""
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if len(differ) else n
+
+
+def position_keys(input_ids: torch.Tensor, image_token_id: int, image_keys: list[str],
+                  tokens_per_image: list[int]) -> torch.Tensor:
+    """(L,) int64 keys naming what sits at each prompt position: the token id for text, and for the i-th position
+    of an image a value derived from the image's content hash (bit 62 set, so it never equals a token id)."""
+    keys = input_ids.to(torch.int64).clone()  # (L,)
+    spans = []
+    for key, n in zip(image_keys, tokens_per_image, strict=True):
+        base = int(key[:15], 16) | (1 << 62)  # 60 hash bits; + position stays below 2**63
+        spans.append(base + torch.arange(n, dtype=torch.int64))
+    where = (input_ids == image_token_id).nonzero().flatten()
+    if spans:
+        values = torch.cat(spans)
+        if len(values) != len(where):
+            raise ValueError(f"{len(where)} image positions in the prompt but {len(values)} visual tokens")
+        keys[where] = values
+    return keys

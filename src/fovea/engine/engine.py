@@ -1,6 +1,9 @@
 """The inference engine: preprocess -> encode (cached by image content) -> compress -> packed, chunked prefill ->
 continuous-batching decode -> token stream.
 
+A prompt that begins like an earlier one (the same system prompt, the same page) copies that prefix's keys/values
+from the prefix cache and prefills only the rest.
+
 Every step runs ONE forward over one packed stream holding a token for each decoding request plus prefill chunks
 of admitted requests, up to a token budget. Requests join between steps as slots free up and leave as they finish.
 The LLM is the unmodified transformers decoder; fovea's slot KV cache reaches its attention through a keyword
@@ -24,9 +27,13 @@ from typing import Any
 import torch
 
 from fovea.attention import use_backend
-from fovea.engine.cache import SlotKVCache
+from fovea.engine.cache import PrefixCache, SlotKVCache, position_keys, shared_prefix
 from fovea.engine.sampling import SamplingParams, sample
 from fovea.model import VLM, image_layouts
+
+# A request waits for another's prefill only when it would reuse at least this many more positions than the cache
+# holds now: waiting costs it a step of TTFT.
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass
@@ -36,6 +43,7 @@ class EngineConfig:
     step_tokens: int = 1024  # token budget of one step's packed stream (decode tokens + prefill chunks)
     max_waiting: int = 64  # requests queued beyond the running ones; more raise QueueFull
     encoder_cache: int = 32  # images whose visual tokens are kept, keyed by content hash (LRU)
+    prefix_cache: int = 8192  # prompt positions whose keys/values are kept for prompts that begin the same way (0: off)
 
 
 class QueueFull(RuntimeError):
@@ -46,6 +54,7 @@ class QueueFull(RuntimeError):
 class RequestMetrics:
     visual_tokens: int = 0  # visual tokens sent to the LLM
     prompt_tokens: int = 0  # all prompt tokens (visual included)
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache (not prefilled)
     completion_tokens: int = 0  # tokens generated
     preprocess_ms: float = 0.0  # image decode/resize + chat template
     encode_ms: float = 0.0  # vision encoder (0 when every image came from the encoder cache)
@@ -73,6 +82,7 @@ class Event:
 class Request:
     id: str
     prompt_embeds: torch.Tensor  # (L,D)
+    prompt_keys: torch.Tensor  # (L,) what sits at each position (token id or image content), for the prefix cache
     params: SamplingParams
     metrics: RequestMetrics
     submitted: float
@@ -125,6 +135,7 @@ class Engine:
         self.in_flight: dict[str, _Pending] = {}  # images some request is encoding now, by content key
         self.wakeup = threading.Condition(self.lock)
         self.encoder_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.prefix_cache = PrefixCache(self.config.prefix_cache) if self.config.prefix_cache > 0 else None
         self.counter = itertools.count()
         self.stats = {"steps": 0, "step_tokens": 0, "requests": 0, "completion_tokens": 0}
         self._thread: threading.Thread | None = None
@@ -151,10 +162,12 @@ class Engine:
         if metrics.prompt_tokens + params.max_tokens > self.config.max_len:
             raise ValueError(f"prompt of {metrics.prompt_tokens} tokens plus max_tokens {params.max_tokens} exceeds "
                              f"the context length of {self.config.max_len} tokens")
-        visual = self._visual_tokens(prompt, metrics)
+        image_keys = self._image_keys(prompt)
+        visual = self._visual_tokens(prompt, image_keys, metrics)
         embeds = self.model.embed(prompt.input_ids.to(self.model.device), visual)  # (L,D)
-        request = Request(id=request_id or f"req-{next(self.counter)}", prompt_embeds=embeds, params=params,
-                          metrics=metrics, submitted=submitted)
+        keys = position_keys(prompt.input_ids, self.model.image_token_id, image_keys, prompt.num_visual_tokens)
+        request = Request(id=request_id or f"req-{next(self.counter)}", prompt_embeds=embeds, prompt_keys=keys,
+                          params=params, metrics=metrics, submitted=submitted)
         if params.seed is not None:
             request.generator = torch.Generator().manual_seed(params.seed)
         with self.wakeup:
@@ -165,12 +178,9 @@ class Engine:
             self.wakeup.notify()
         return request
 
-    def _visual_tokens(self, prompt, metrics: RequestMetrics) -> torch.Tensor:
-        """(N,D) visual tokens for the prompt's images; an image seen before (same pixels, same instruction) is
-        not encoded again, and an image another request is encoding right now is waited for, not encoded twice.
-        Different images still encode in parallel on their request threads."""
-        model = self.model
-        aware = model.config.connector.instruction_aware
+    def _image_keys(self, prompt) -> list[str]:
+        """A content hash per image: what its visual tokens depend on (pixels, original size, instruction)."""
+        aware = self.model.config.connector.instruction_aware
         keys = []
         for i, img in enumerate(prompt.images):
             h = hashlib.sha256(img.pixels.numpy().tobytes())
@@ -178,6 +188,14 @@ class Engine:
             if aware:
                 h.update(prompt.instructions[i].numpy().tobytes())
             keys.append(h.hexdigest())
+        return keys
+
+    def _visual_tokens(self, prompt, keys: list[str], metrics: RequestMetrics) -> torch.Tensor:
+        """(N,D) visual tokens for the prompt's images; an image seen before (same pixels, same instruction) is
+        not encoded again, and an image another request is encoding right now is waited for, not encoded twice.
+        Different images still encode in parallel on their request threads."""
+        model = self.model
+        aware = model.config.connector.instruction_aware
         mine: dict[str, _Pending] = {}  # keys this request encodes
         waits: dict[str, _Pending] = {}  # keys another request is encoding
         todo: list[int] = []
@@ -277,12 +295,13 @@ class Engine:
                 sampled_reqs.append(r)
                 budget -= 1
         for r in batch:  # then prefill chunks, as far as the budget goes
-            remaining = len(r.prompt_embeds) - r.prefilled
-            if remaining == 0 or budget <= 0:
+            if len(r.prompt_embeds) == r.prefilled or budget <= 0:
                 continue
-            n = min(remaining, budget)
             if r.prefill_start is None:
+                if self.prefix_cache is not None and not self._start_from_cache(r, batch):
+                    continue
                 r.prefill_start = time.perf_counter()
+            n = min(len(r.prompt_embeds) - r.prefilled, budget)
             entries.append((r.slot, r.prefilled, n))
             pieces.append(r.prompt_embeds[r.prefilled:r.prefilled + n])
             positions.append(torch.arange(r.prefilled, r.prefilled + n))
@@ -301,6 +320,10 @@ class Engine:
                                      fovea_cache=self.cache).last_hidden_state  # (1,T,D)
         logits = self.model.lm.get_output_embeddings()(hidden[0, sample_rows])  # (N,V)
         tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs])
+        if self.prefix_cache is not None:
+            for r in sampled_reqs:
+                if not r.tokens:  # its prompt is prefilled as of this step
+                    self.prefix_cache.store(r.prompt_keys, self.cache, r.slot)
         now = time.perf_counter()
         with self.lock:
             for r, tok in zip(sampled_reqs, tokens.tolist(), strict=True):
@@ -308,6 +331,19 @@ class Engine:
             self.stats["steps"] += 1
             self.stats["step_tokens"] += cursor
         return cursor
+
+    def _start_from_cache(self, r: Request, batch: list[Request]) -> bool:
+        """Copy ``r``'s longest cached prompt prefix into its slot and return True; or return False (nothing done)
+        when a request whose prefill is under way shares a longer prefix: waiting for it and copying beats
+        computing the same positions twice (16 requests about one page arriving together prefill it once)."""
+        limit = len(r.prompt_keys) - 1  # the last position is always computed: its logits give the first token
+        cached = min(self.prefix_cache.match(r.prompt_keys)[1], limit)
+        for other in batch:
+            if other is not r and other.prefill_start is not None and not other.tokens and not other.done:
+                if min(shared_prefix(other.prompt_keys, r.prompt_keys), limit) >= cached + MIN_SHARED_PREFIX:
+                    return False
+        r.prefilled = r.metrics.cached_tokens = self.prefix_cache.load(r.prompt_keys, self.cache, r.slot, limit)
+        return True
 
     def _append(self, r: Request, token: int, now: float) -> None:
         if r.first_token_time is None:

@@ -276,8 +276,10 @@ def _reason(reason: str | None) -> str:
     return reason if reason in ("stop", "length") else "stop" if reason == "abort" else (reason or "stop")
 
 
-def _usage(m) -> dict[str, int]:
+def _usage(m) -> dict[str, Any]:
     if m is None:
-        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "visual_tokens": 0}
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "visual_tokens": 0,
+                "prompt_tokens_details": {"cached_tokens": 0}}
     return {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
-            "total_tokens": m.prompt_tokens + m.completion_tokens, "visual_tokens": m.visual_tokens}
+            "total_tokens": m.prompt_tokens + m.completion_tokens, "visual_tokens": m.visual_tokens,
+            "prompt_tokens_details": {"cached_tokens": m.cached_tokens}}

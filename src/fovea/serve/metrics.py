@@ -16,6 +16,7 @@ class ServerMetrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.visual_tokens = 0
+        self.cached_tokens = 0
         self.ttft_counts = [0] * len(TTFT_BUCKETS_S)
         self.ttft_sum = 0.0
         self.decode_tps_sum = 0.0
@@ -28,6 +29,7 @@ class ServerMetrics:
             self.prompt_tokens += m.prompt_tokens
             self.completion_tokens += m.completion_tokens
             self.visual_tokens += m.visual_tokens
+            self.cached_tokens += m.cached_tokens
             ttft = m.ttft_ms / 1e3
             self.ttft_sum += ttft
             for i, bound in enumerate(TTFT_BUCKETS_S):
@@ -50,6 +52,9 @@ class ServerMetrics:
                 f"fovea_prompt_tokens_total {self.prompt_tokens}",
                 "# HELP fovea_visual_tokens_total Visual tokens read.", "# TYPE fovea_visual_tokens_total counter",
                 f"fovea_visual_tokens_total {self.visual_tokens}",
+                "# HELP fovea_cached_prompt_tokens_total Prompt tokens copied from the prefix cache, not prefilled.",
+                "# TYPE fovea_cached_prompt_tokens_total counter",
+                f"fovea_cached_prompt_tokens_total {self.cached_tokens}",
                 "# HELP fovea_completion_tokens_total Tokens generated.",
                 "# TYPE fovea_completion_tokens_total counter",
                 f"fovea_completion_tokens_total {self.completion_tokens}",
