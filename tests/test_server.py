@@ -25,7 +25,8 @@ from fovea.serve import create_app
 
 def _png(size=(160, 120), seed=1) -> bytes:
     buf = io.BytesIO()
-    noise = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    seeded = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=seeded)
     Image.fromarray(noise.numpy()).save(buf, format="PNG")  # the same seed, the same bytes: expected answers hold
     return buf.getvalue()
 
