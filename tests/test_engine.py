@@ -288,3 +288,33 @@ def test_real_smollm2_concurrent_greedy_equals_generate(smollm2_path):
     for m, r in zip(msgs, results, strict=True):
         assert r["token_ids"] == _reference_tokens(model, reference_lm, m, [], 16)
     assert "Paris" in results[0]["text"]  # a real model, really answering
+
+
+def test_slot_cache_attention_equals_per_sequence_softmax():
+    """Decode rows (one query, batched over slots) and multi-token chunks in one step equal plain causal softmax
+    attention of each sequence over its own cached + new keys."""
+    from fovea.engine.cache import SlotKVCache
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, max_len = 4, 2, 8, 16
+    cache = SlotKVCache(num_layers=1, num_kv_heads=kv_heads, head_dim=dim, slots=6, max_len=max_len,
+                        dtype=torch.float32, device=torch.device("cpu"))
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    entries = [(3, 5, 1), (0, 0, 4), (1, 7, 1), (2, 2, 3), (5, 0, 1)]  # (slot, cached, new): decodes and chunks
+    total = sum(n for _, _, n in entries)
+    q, k, v = (torch.randn(1, h, total, dim) for h in (heads, kv_heads, kv_heads))
+    cache.set_plan(entries)
+    out = cache.attend(0, q, k, v, scale=0.3)  # (T,H,d)
+    row = 0
+    for slot, cached, new in entries:
+        keys = cache.k[0][:, slot * max_len:slot * max_len + cached + new]  # (K,Lk,d), this step's keys written
+        values = cache.v[0][:, slot * max_len:slot * max_len + cached + new]
+        assert torch.equal(keys[:, cached:], k[0, :, row:row + new])
+        qi = q[0, :, row:row + new]  # (H,Lq,d)
+        keys, values = keys.repeat_interleave(heads // kv_heads, 0), values.repeat_interleave(heads // kv_heads, 0)
+        scores = 0.3 * qi @ keys.transpose(1, 2)  # (H,Lq,Lk)
+        allowed = torch.arange(cached + new)[None, :] <= torch.arange(new)[:, None] + cached
+        expected = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ values).transpose(0, 1)  # (Lq,H,d)
+        torch.testing.assert_close(out[row:row + new], expected, atol=1e-5, rtol=1e-5)
+        row += new

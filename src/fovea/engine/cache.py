@@ -3,7 +3,9 @@ cache that lets a prompt reuse the keys/values of an earlier prompt that started
 
 Each request owns a slot of ``max_len`` positions in every layer. Storage per layer is (K, slots*max_len, d), so a
 sequence's keys are one contiguous slice [slot*max_len, slot*max_len + length): the varlen backends attend to that
-slice directly, nothing is gathered or padded.
+slice directly, nothing is gathered or padded. Decode tokens (one query each) go through one batched attention
+call per layer that reads every slot's keys in place, each masked to its own length, instead of one call per
+sequence.
 
 Notation: K key/value heads, d head width, T tokens in the step's packed stream, H query heads, L prompt positions.
 """
@@ -14,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from fovea.attention.backends import ranges_attention
 
@@ -21,8 +24,12 @@ from fovea.attention.backends import ranges_attention
 @dataclass
 class StepPlan:
     write_index: torch.Tensor  # (T,) flat storage position of every stream token
-    q_ranges: list[tuple[int, int]]  # stream slice of each sequence's new tokens
-    k_ranges: list[tuple[int, int]]  # storage slice of each sequence's keys after this step (cached + new)
+    q_ranges: list[tuple[int, int]]  # stream slice of each multi-token sequence's new tokens
+    k_ranges: list[tuple[int, int]]  # storage slice of each multi-token sequence's keys (cached + new)
+    ranges_rows: torch.Tensor | None  # (T_r,) stream rows of those sequences, or None when there are none
+    one_rows: torch.Tensor | None  # (N1,) stream rows of one-token sequences (decode), or None when there are none
+    one_slots: torch.Tensor | None  # (N1,) their slots
+    one_mask: torch.Tensor | None  # (S1,1,1,L1) True where slot s may attend; S1 = highest such slot + 1
 
 
 class SlotKVCache:
@@ -44,17 +51,31 @@ class SlotKVCache:
 
     def set_plan(self, entries: list[tuple[int, int, int]]) -> None:
         """``entries``: (slot, tokens already cached, new tokens) per sequence, in stream order."""
-        index, q_ranges, k_ranges, cursor = [], [], [], 0
+        index, q_ranges, k_ranges, ranges_rows, one_rows, one_slots, one_lens, cursor = [], [], [], [], [], [], [], 0
         for slot, cached, new in entries:
             if cached + new > self.max_len:
                 raise ValueError(f"sequence needs {cached + new} positions, the cache holds {self.max_len} per slot")
             base = slot * self.max_len
             index.append(torch.arange(base + cached, base + cached + new))
-            q_ranges.append((cursor, cursor + new))
-            k_ranges.append((base, base + cached + new))
+            if new == 1:
+                one_rows.append(cursor)
+                one_slots.append(slot)
+                one_lens.append(cached + 1)
+            else:
+                q_ranges.append((cursor, cursor + new))
+                k_ranges.append((base, base + cached + new))
+                ranges_rows.append(torch.arange(cursor, cursor + new))
             cursor += new
         device = self.k[0].device
-        self.plan = StepPlan(torch.cat(index).to(device), q_ranges, k_ranges)
+        one_mask = None
+        if one_rows:
+            lengths = torch.ones(max(one_slots) + 1, dtype=torch.long)  # (S1,) idle slots see one key: no NaN
+            lengths[one_slots] = torch.tensor(one_lens)
+            one_mask = (torch.arange(max(one_lens))[None, :] < lengths[:, None])[:, None, None].to(device)
+        self.plan = StepPlan(torch.cat(index).to(device), q_ranges, k_ranges,
+                             torch.cat(ranges_rows).to(device) if ranges_rows else None,
+                             torch.tensor(one_rows, device=device) if one_rows else None,
+                             torch.tensor(one_slots, device=device) if one_slots else None, one_mask)
 
     def read(self, slot: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of a slot's first ``length`` positions: keys and values per layer, each (K,length,d)."""
@@ -72,9 +93,27 @@ class SlotKVCache:
         """Write this step's keys/values (1,K,T,d) into their slots, then attend: q (1,H,T,d) -> (T,H,d)."""
         plan = self.plan
         assert plan is not None, "set_plan before the forward"
-        self.k[layer].index_copy_(1, plan.write_index, k[0].to(self.k[layer].dtype))
-        self.v[layer].index_copy_(1, plan.write_index, v[0].to(self.v[layer].dtype))
-        return ranges_attention(q, self.k[layer][None], self.v[layer][None], plan.q_ranges, plan.k_ranges, scale)
+        keys, values = self.k[layer], self.v[layer]
+        keys.index_copy_(1, plan.write_index, k[0].to(keys.dtype))
+        values.index_copy_(1, plan.write_index, v[0].to(values.dtype))
+        if plan.one_rows is None:
+            return ranges_attention(q, keys[None], values[None], plan.q_ranges, plan.k_ranges, scale)
+        heads, dim = q.shape[1], q.shape[3]
+        out = q.new_empty(q.shape[2], heads, dim)  # (T,H,d)
+        if plan.ranges_rows is not None:
+            out[plan.ranges_rows] = ranges_attention(q, keys[None], values[None], plan.q_ranges, plan.k_ranges, scale)
+        mask = plan.one_mask
+        used, length = mask.shape[0], mask.shape[-1]
+        kv_heads = keys.shape[0]
+        # (K, slots*max_len, d) -> (K, slots, max_len, d) -> (S1, K, L1, d): every slot's keys, read in place
+        k_slots = keys.view(kv_heads, self.slots, self.max_len, dim).transpose(0, 1)[:used, :, :length]
+        v_slots = values.view(kv_heads, self.slots, self.max_len, dim).transpose(0, 1)[:used, :, :length]
+        q_slots = q.new_zeros(used, heads, 1, dim)  # (S1,H,1,d): each decode query at its slot's row
+        q_slots[plan.one_slots, :, 0] = q[0, :, plan.one_rows].transpose(0, 1)
+        attended = F.scaled_dot_product_attention(q_slots, k_slots, v_slots, attn_mask=mask, scale=scale,
+                                                  enable_gqa=heads != kv_heads)  # (S1,H,1,d)
+        out[plan.one_rows] = attended[plan.one_slots, :, 0]
+        return out
 
 
 @dataclass
