@@ -157,6 +157,10 @@ def test_prefix_cache_reuses_a_page_and_equals_generate():
         off.add_request(_ask(text), [pages[page]], SamplingParams(max_tokens=12))
         off.run_until_done()
     assert off.stats["step_tokens"] - engine.stats["step_tokens"] == sum(cached)  # those positions were not computed
+    engine.clear_caches()  # e.g. after a training step changed the weights: nothing old may be reused
+    again = engine.add_request(_ask(asks[0][1]), [pages[0]], SamplingParams(max_tokens=12))
+    engine.run_until_done()
+    assert again.metrics.cached_tokens == 0 and again.metrics.encoder_cache_hits == 0
 
 
 @pytest.mark.parametrize("step_tokens", [2048, 40])

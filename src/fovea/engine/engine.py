@@ -255,6 +255,15 @@ class Engine:
             return torch.empty(0, model.lm.config.hidden_size, device=model.device, dtype=model.lm.dtype)
         return torch.cat([results[key] for key in keys])
 
+    def clear_caches(self) -> None:
+        """Forget every cached encode and prompt prefix: call it after changing the model's weights, since both
+        caches hold what the old weights computed."""
+        with self.encode_lock:
+            self.encoder_cache.clear()
+        with self.lock:
+            if self.prefix_cache is not None:
+                self.prefix_cache = PrefixCache(self.config.prefix_cache)
+
     # ----- one step ----------------------------------------------------------------------------------------
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
