@@ -136,6 +136,7 @@ def test_64_concurrent_requests_all_answered(live):
     values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
     assert int(values["fovea_requests_total"]) >= 64 and float(values["fovea_ttft_seconds_count"]) >= 64
     assert int(values["fovea_cached_prompt_tokens_total"]) > 0  # the repeated prompts reused their prefixes
+    assert int(values["fovea_prefix_cache_positions"]) > 0 and int(values["fovea_encoder_cache_images"]) > 0
 
 
 BAD = [
