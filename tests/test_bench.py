@@ -89,8 +89,9 @@ def test_serve_bench_runs_every_mode(tmp_path):
     from fovea.bench.serve import format_table, run_serve_bench
 
     model = VLM.from_config(tiny_config("fastvit-mci0", "qformer")).eval()
-    payload = run_serve_bench(model=model, llm="tiny-llama", levels=(1, 3), requests=6, max_tokens=6, threads=2,
-                              out_dir=tmp_path, progress=lambda s: None)
+    payload = run_serve_bench(model=model, llm="tiny-llama", levels=(1, 3), requests=6, max_tokens=6, pages=2,
+                              threads=2, out_dir=tmp_path, progress=lambda s: None)
+    assert "--pages 2 --levels 1 3" in payload["command"]
     for level in ("1", "3"):
         for mode in ("fovea", "fovea-caches-on", "hf-one-at-a-time", "hf-padded-batch"):
             r = payload["results"][level][mode]

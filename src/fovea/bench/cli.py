@@ -39,12 +39,12 @@ def cmd_bench_ttft(quick: bool, llm: list[str] | None, max_side: int, threads: i
     return 0
 
 
-def cmd_bench_serve(llm: str, requests: int, max_tokens: int, levels: list[int], threads: int | None,
+def cmd_bench_serve(llm: str, requests: int, max_tokens: int, pages: int, levels: list[int], threads: int | None,
                     out: str) -> int:
     """Engine throughput and TTFT percentiles vs transformers generate (one at a time, padded batch)."""
     from fovea.bench.serve import format_table, run_serve_bench
 
-    payload = run_serve_bench(llm=llm, requests=requests, max_tokens=max_tokens, levels=tuple(levels),
+    payload = run_serve_bench(llm=llm, requests=requests, max_tokens=max_tokens, pages=pages, levels=tuple(levels),
                               threads=threads, out_dir=out, progress=lambda s: print(s, flush=True))
     print()
     print(format_table(payload))
@@ -75,10 +75,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm", default="smollm2-135m-shape", help="LLM preset or smollm2")
     p.add_argument("--requests", type=int, default=32, help="requests in the workload")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (at most)")
+    p.add_argument("--pages", type=int, default=4,
+                   help="distinct pages the requests ask about (= --requests: every request brings a new page)")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", default="bench-results", help="directory for serve.json and serve.png")
-    p.set_defaults(run=lambda a: cmd_bench_serve(a.llm, a.requests, a.max_tokens, a.levels, a.threads, a.out))
+    p.set_defaults(run=lambda a: cmd_bench_serve(a.llm, a.requests, a.max_tokens, a.pages, a.levels, a.threads,
+                                                 a.out))
 
     p = which.add_parser("ttft", help=cmd_bench_ttft.__doc__, description=cmd_bench_ttft.__doc__)
     p.add_argument("--quick", action="store_true", help="fewer layouts, SmolLM2 only: a few minutes")

@@ -31,9 +31,10 @@ QUESTIONS = ["What is the agreement number?", "Who is the client?", "What is the
              "When does the agreement take effect?", "What is the total for support hours?"]
 
 
-def workload(n: int, max_tokens: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` requests: pages rendered with different seeds, questions of different lengths."""
-    pages = [render_contract(640, 480, seed=seed + i).image for i in range(min(n, 4))]
+def workload(n: int, max_tokens: int, seed: int = 0, pages: int = 4) -> list[dict[str, Any]]:
+    """``n`` requests over ``pages`` pages rendered with different seeds (request i asks about page i mod pages),
+    questions of different lengths."""
+    pages = [render_contract(640, 480, seed=seed + i).image for i in range(max(1, min(n, pages)))]
     return [{"messages": [{"role": "user", "content": [{"type": "image"},
                                                        {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]}],
              "images": [pages[i % len(pages)]], "max_tokens": max_tokens - (i % 3) * (max_tokens // 4)}
@@ -198,20 +199,21 @@ def build_bench_model(llm: str, max_side: int) -> VLM:
 
 
 def run_serve_bench(*, llm: str = "smollm2-135m-shape", levels: tuple[int, ...] = (1, 4, 16), requests: int = 32,
-                    max_tokens: int = 32, max_side: int = 512, threads: int | None = None, model: VLM | None = None,
+                    max_tokens: int = 32, pages: int = 4, max_side: int = 512, threads: int | None = None,
+                    model: VLM | None = None,
                     out_dir: str | Path = "bench-results", progress: Callable[[str], None] = print) -> dict[str, Any]:
     import copy
 
     setup_threads(threads)
     env = environment()
-    progress(f"[bench serve] {describe(env)}; LLM {llm}; FastViT-MCi0 + Q-Former 64; {requests} requests, "
-             f"{max_tokens} new tokens at most; greedy")
+    progress(f"[bench serve] {describe(env)}; LLM {llm}; FastViT-MCi0 + Q-Former 64; {requests} requests about "
+             f"{min(pages, requests)} pages, {max_tokens} new tokens at most; greedy")
     model = model or build_bench_model(llm, max_side)
     reference_lm = copy.deepcopy(model.lm)
     reference_lm.set_attn_implementation("sdpa")
     reference_lm.generation_config.eos_token_id = None
     reference_lm.generation_config.pad_token_id = 0
-    work = workload(requests, max_tokens)
+    work = workload(requests, max_tokens, pages=pages)
     max_len = 64 + max(len(model.processor()(r["messages"], r["images"]).input_ids) for r in work) + max_tokens
     results: dict[str, dict[str, Any]] = {}
     modes = {
@@ -237,8 +239,9 @@ def run_serve_bench(*, llm: str = "smollm2-135m-shape", levels: tuple[int, ...] 
                   "fovea / hf-one-at-a-time throughput": v["fovea"]["throughput_tok_s"]
                   / v["hf-one-at-a-time"]["throughput_tok_s"]} for c, v in results.items()}
     payload = {"benchmark": "serve", "env": env, "llm": llm, "requests": requests, "max_tokens": max_tokens,
-               "levels": list(levels), "results": results, "ratios": ratios,
-               "command": f"fovea bench serve --llm {llm} --requests {requests} --max-tokens {max_tokens}"}
+               "pages": pages, "levels": list(levels), "results": results, "ratios": ratios,
+               "command": f"fovea bench serve --llm {llm} --requests {requests} --max-tokens {max_tokens} "
+                          f"--pages {pages} --levels {' '.join(str(c) for c in levels)}"}
     return save_results(payload, out_dir, "serve", chart, progress)
 
 
