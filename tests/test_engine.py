@@ -11,6 +11,7 @@ from PIL import Image
 
 from fovea import VLM
 from fovea.engine import Engine, EngineConfig, QueueFull, SamplingParams, stream
+from fovea.engine.cache import shared_prefix
 
 
 def _request(i: int):
@@ -163,6 +164,28 @@ def test_prefix_cache_reuses_a_page_and_equals_generate():
     assert again.metrics.cached_tokens == 0 and again.metrics.encoder_cache_hits == 0
 
 
+def test_next_conversation_turn_reuses_the_page_and_the_answer():
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config("fastvithd", "mlp", lm="tiny-qwen2")).eval()
+    reference_lm = copy.deepcopy(model.lm)
+    reference_lm.set_attn_implementation("sdpa")
+    reference_lm.generation_config.eos_token_id = None
+    page = Image.effect_noise((200, 130), 40).convert("RGB")
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=512, step_tokens=64))
+    engine.eos_ids = set()
+    first = engine.add_request(_ask("what is the total?"), [page], SamplingParams(max_tokens=10))
+    engine.run_until_done()
+    messages = _ask("what is the total?") + [{"role": "assistant", "content": first.text},
+                                              {"role": "user", "content": "and who signed?"}]
+    second = engine.add_request(messages, [page], SamplingParams(max_tokens=10))
+    engine.run_until_done()
+    assert second.tokens == _reference_tokens(model, reference_lm, messages, [page], 10)
+    turn1 = torch.cat([first.prompt_keys, torch.tensor(first.tokens[:-1])])  # prompt + answer, as computed
+    shared = shared_prefix(second.prompt_keys, turn1)
+    assert second.metrics.cached_tokens == min(shared, len(second.prompt_keys) - 1)  # all the two turns share
+    assert second.metrics.cached_tokens > len(first.prompt_keys)  # the whole first prompt and some of the answer
+
+
 @pytest.mark.parametrize("step_tokens", [2048, 40])
 def test_requests_arriving_together_prefill_a_page_once(step_tokens):
     torch.manual_seed(0)
@@ -207,6 +230,8 @@ def test_prefix_cache_copies_exact_values_and_evicts_least_recently_used():
     assert prefix.held == 15 and prefix.match(b)[1] == 6 and prefix.stats["evicted"] == 1
     prefix.store(torch.arange(30), cache, slot=1)  # larger than the whole cache: not kept, nothing evicted
     assert prefix.held == 15
+    prefix.store(torch.arange(12), cache, slot=0)  # extends a (10 positions): replaces it instead of adding to it
+    assert prefix.held == 17 and len(prefix.entries) == 2 and prefix.match(torch.arange(12))[1] == 12
 
 
 def test_sampling_streaming_stop_and_metrics():

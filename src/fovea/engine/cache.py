@@ -129,7 +129,9 @@ class PrefixCache:
     A position's key is its token id, or, inside an image, the image's content hash and the position within it
     (``position_keys``), so a page asked about again reuses its system prompt and visual tokens and only the new
     question is prefilled. Causal attention makes a position's keys/values depend only on the positions before it,
-    so any common prefix is reusable, to the token. Entries are whole prompts, evicted least recently used first;
+    so any common prefix is reusable, to the token. A finished request's answer is kept with its prompt, so the
+    next turn of a conversation (the same messages, the answer, a new question) prefills only what is new.
+    Entries are whole prompts (or prompt + answer), evicted least recently used first;
     ``capacity`` bounds the positions held (memory: capacity x layers x 2 x K x d x dtype bytes)."""
 
     def __init__(self, capacity: int) -> None:
@@ -164,13 +166,16 @@ class PrefixCache:
         return length
 
     def store(self, keys: torch.Tensor, cache: SlotKVCache, slot: int) -> None:
-        """Keep the just-prefilled prompt in ``slot`` (its ``len(keys)`` positions) unless already held whole."""
+        """Keep the first ``len(keys)`` positions of ``slot`` (a prefilled prompt, or a finished conversation turn)
+        unless already held whole; an entry that is a prefix of ``keys`` is replaced, not duplicated."""
         entry_id, length = self.match(keys)
         if entry_id is not None and length == len(keys):
             self.entries.move_to_end(entry_id)
             return
         if len(keys) > self.capacity:
             return
+        if entry_id is not None and length == len(self.entries[entry_id].keys):
+            self.held -= len(self.entries.pop(entry_id).keys)
         while self.held + len(keys) > self.capacity:
             _, old = self.entries.popitem(last=False)
             self.held -= len(old.keys)

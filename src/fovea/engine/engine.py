@@ -400,6 +400,10 @@ class Engine:
         if r.first_token_time is not None and len(r.tokens) > 1:
             m.decode_tokens_per_s = (len(r.tokens) - 1) / max(time.perf_counter() - r.first_token_time, 1e-9)
         if r.slot is not None:
+            if self.prefix_cache is not None and reason in ("stop", "length") and len(r.tokens) > 1:
+                # the answer's keys/values are computed up to the last token's input (its own are not): keep them
+                answer = torch.tensor(r.tokens[:-1], dtype=torch.int64)
+                self.prefix_cache.store(torch.cat([r.prompt_keys, answer]), self.cache, r.slot)
             self.cache.release(r.slot)
             r.slot = None
         r.events.put(Event(r.id, delta, ids or [], finished=True, finish_reason=reason, metrics=m))
