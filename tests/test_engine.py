@@ -22,6 +22,16 @@ def _request(i: int):
     return [{"role": "user", "content": content}], images
 
 
+def _reference(model: VLM, full_length: bool = False):
+    """A copy of the model's LLM on transformers' own SDPA attention, for ``generate`` to compare against;
+    ``full_length`` turns EOS off so every requested token is compared."""
+    reference_lm = copy.deepcopy(model.lm)
+    reference_lm.set_attn_implementation("sdpa")
+    if full_length:
+        reference_lm.generation_config.eos_token_id = None
+    return reference_lm
+
+
 def _reference_tokens(model: VLM, reference_lm, messages, images, max_tokens: int) -> list[int]:
     prompt = model.processor()(messages, images)
     with torch.no_grad():
@@ -35,9 +45,7 @@ def _reference_tokens(model: VLM, reference_lm, messages, images, max_tokens: in
 def test_concurrent_greedy_equals_generate_alone(connector):
     torch.manual_seed(0)
     model = VLM.from_config(tiny_config("fastvithd", connector, lm="tiny-qwen2")).eval()
-    reference_lm = copy.deepcopy(model.lm)
-    reference_lm.set_attn_implementation("sdpa")
-    reference_lm.generation_config.eos_token_id = None  # run the full length so every token is compared
+    reference_lm = _reference(model, full_length=True)
     engine = Engine(model, EngineConfig(max_batch=4, max_len=512, step_tokens=48))
     engine.eos_ids = set()
     requests = [_request(i) for i in range(6)]
@@ -63,8 +71,7 @@ def test_text_only_smollm2_shape_matches_generate():
     cfg = tiny_config("fastvit-mci0", "mlp")
     cfg.lm = LMConfig(name="tiny-llama", overrides={"num_hidden_layers": 3, "initializer_range": 0.2})
     model = VLM.from_config(VLMConfig.from_dict(cfg.to_dict())).eval()
-    reference_lm = copy.deepcopy(model.lm)
-    reference_lm.set_attn_implementation("sdpa")
+    reference_lm = _reference(model)
     engine = Engine(model, EngineConfig(max_batch=2, max_len=256, step_tokens=16))
     msgs = [[{"role": "user", "content": "hello there " * k}] for k in (1, 4, 9)]
     results = engine.generate([(m, [], SamplingParams(max_tokens=10)) for m in msgs])
@@ -121,7 +128,7 @@ def _ask(text: str, images: int = 1) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
 
 
-def _image_span(model: VLM, handle) -> tuple[int, int]:
+def _image_span(handle) -> tuple[int, int]:
     """(first image position, first position after the last image) of a request's prompt."""
     where = (handle.prompt_keys >= 1 << 62).nonzero().flatten()
     return int(where[0]), int(where[-1]) + 1
@@ -130,9 +137,7 @@ def _image_span(model: VLM, handle) -> tuple[int, int]:
 def test_prefix_cache_reuses_a_page_and_equals_generate():
     torch.manual_seed(0)
     model = VLM.from_config(tiny_config("fastvithd", "mlp", lm="tiny-qwen2")).eval()
-    reference_lm = copy.deepcopy(model.lm)
-    reference_lm.set_attn_implementation("sdpa")
-    reference_lm.generation_config.eos_token_id = None
+    reference_lm = _reference(model, full_length=True)
     pages = [Image.effect_noise((200, 130), 40).convert("RGB"), Image.effect_noise((128, 128), 60).convert("RGB")]
     asks = [(0, "what is the total?"), (0, "who signed the contract, and when?"), (1, "what is the total?"),
             (0, "what is the total?")]
@@ -145,7 +150,7 @@ def test_prefix_cache_reuses_a_page_and_equals_generate():
         expected = _reference_tokens(model, reference_lm, _ask(text), [pages[page]], 12)
         assert handles[-1].tokens == expected, text
     cached = [h.metrics.cached_tokens for h in handles]
-    start, end = _image_span(model, handles[0])
+    start, end = _image_span(handles[0])
     lengths = [len(h.prompt_keys) for h in handles]
     assert cached[0] == 0  # empty cache
     assert end <= cached[1] < lengths[1]  # the same page: system prompt and every visual token reused
@@ -167,9 +172,7 @@ def test_prefix_cache_reuses_a_page_and_equals_generate():
 def test_next_conversation_turn_reuses_the_page_and_the_answer():
     torch.manual_seed(0)
     model = VLM.from_config(tiny_config("fastvithd", "mlp", lm="tiny-qwen2")).eval()
-    reference_lm = copy.deepcopy(model.lm)
-    reference_lm.set_attn_implementation("sdpa")
-    reference_lm.generation_config.eos_token_id = None
+    reference_lm = _reference(model, full_length=True)
     page = Image.effect_noise((200, 130), 40).convert("RGB")
     engine = Engine(model, EngineConfig(max_batch=2, max_len=512, step_tokens=64))
     engine.eos_ids = set()
@@ -190,16 +193,14 @@ def test_next_conversation_turn_reuses_the_page_and_the_answer():
 def test_requests_arriving_together_prefill_a_page_once(step_tokens):
     torch.manual_seed(0)
     model = VLM.from_config(tiny_config("fastvithd", "mlp", lm="tiny-qwen2")).eval()
-    reference_lm = copy.deepcopy(model.lm)
-    reference_lm.set_attn_implementation("sdpa")
-    reference_lm.generation_config.eos_token_id = None
+    reference_lm = _reference(model, full_length=True)
     page = Image.effect_noise((200, 130), 40).convert("RGB")
     texts = ["what is the total?", "who signed?", "date", "read clause two to me please", "x"]
     engine = Engine(model, EngineConfig(max_batch=8, max_len=512, step_tokens=step_tokens))
     engine.eos_ids = set()
     handles = [engine.add_request(_ask(t), [page], SamplingParams(max_tokens=8)) for t in texts]
     engine.run_until_done()
-    _, end = _image_span(model, handles[0])
+    _, end = _image_span(handles[0])
     cached = sorted(h.metrics.cached_tokens for h in handles)
     assert cached[0] == 0 and all(c >= end for c in cached[1:])  # one request prefilled the page, four copied it
     for h, t in zip(handles, texts, strict=True):
@@ -307,8 +308,7 @@ def test_real_smollm2_concurrent_greedy_equals_generate(smollm2_path):
     cfg = tiny_config("fastvit-mci0", "mlp")
     cfg.lm = LMConfig(name="local", path=str(smollm2_path))
     model = VLM.from_config(cfg).eval()
-    reference_lm = copy.deepcopy(model.lm)
-    reference_lm.set_attn_implementation("sdpa")
+    reference_lm = _reference(model)
     engine = Engine(model, EngineConfig(max_batch=3, max_len=256, step_tokens=32))
     prompts = ["What is the capital of France?", "Write one sentence about the sea.", "List three prime numbers.",
                "Say hello."]
