@@ -104,9 +104,9 @@ def _prepare(model: VLM, r: dict) -> torch.Tensor:
 def run_fovea(model: VLM, requests: list[dict], concurrency: int, max_len: int, caches: bool = False) -> dict:
     """fovea's engine; ``caches`` turns on its encoder cache and prefix cache (off: every image is encoded and
     every prompt position computed, as the transformers modes do)."""
+    cache_sizes = {} if caches else {"encoder_cache": 0, "prefix_cache": 0}  # on: the engine's (and serve's) defaults
     engine = Engine(model, EngineConfig(max_batch=max(concurrency, 1), max_len=max_len, step_tokens=2048,
-                                        max_waiting=len(requests), encoder_cache=32 if caches else 0,
-                                        prefix_cache=8192 if caches else 0))
+                                        max_waiting=len(requests), **cache_sizes))
     engine.eos_ids = set()  # every mode generates exactly max_tokens: equal work
     engine.start()
     try:

@@ -139,7 +139,7 @@ class PrefixCache:
         self.entries: OrderedDict[int, _Prefix] = OrderedDict()
         self.held = 0  # positions held over all entries
         self._ids = 0
-        self.stats = {"lookups": 0, "hit_tokens": 0, "stored": 0, "evicted": 0}
+        self.stats = {"stored": 0, "evicted": 0}
 
     def match(self, keys: torch.Tensor) -> tuple[int | None, int]:
         """The entry sharing the longest prefix with ``keys`` (L,), and that prefix's length (0: none)."""
@@ -152,17 +152,17 @@ class PrefixCache:
                 best, best_len = entry_id, length
         return best, best_len
 
-    def load(self, keys: torch.Tensor, cache: SlotKVCache, slot: int, limit: int) -> int:
-        """Copy the longest cached prefix of ``keys`` (at most ``limit`` positions) into ``slot``; its length."""
-        self.stats["lookups"] += 1
-        entry_id, length = self.match(keys)
+    def load(self, keys: torch.Tensor, cache: SlotKVCache, slot: int, limit: int,
+             found: tuple[int | None, int] | None = None) -> int:
+        """Copy the longest cached prefix of ``keys`` (at most ``limit`` positions) into ``slot``; its length.
+        ``found``: what ``match(keys)`` returned, when the caller already asked."""
+        entry_id, length = found if found is not None else self.match(keys)
         length = min(length, limit)
         if entry_id is None or length <= 0:
             return 0
         entry = self.entries[entry_id]
         self.entries.move_to_end(entry_id)
         cache.write(slot, entry.k, entry.v, length)
-        self.stats["hit_tokens"] += length
         return length
 
     def store(self, keys: torch.Tensor, cache: SlotKVCache, slot: int) -> None:

@@ -346,12 +346,13 @@ class Engine:
         when a request whose prefill is under way shares a longer prefix: waiting for it and copying beats
         computing the same positions twice (16 requests about one page arriving together prefill it once)."""
         limit = len(r.prompt_keys) - 1  # the last position is always computed: its logits give the first token
-        cached = min(self.prefix_cache.match(r.prompt_keys)[1], limit)
+        found = self.prefix_cache.match(r.prompt_keys)
+        cached = min(found[1], limit)
         for other in batch:
             if other is not r and other.prefill_start is not None and not other.tokens and not other.done:
                 if min(shared_prefix(other.prompt_keys, r.prompt_keys), limit) >= cached + MIN_SHARED_PREFIX:
                     return False
-        r.prefilled = r.metrics.cached_tokens = self.prefix_cache.load(r.prompt_keys, self.cache, r.slot, limit)
+        r.prefilled = r.metrics.cached_tokens = self.prefix_cache.load(r.prompt_keys, self.cache, r.slot, limit, found)
         return True
 
     def _append(self, r: Request, token: int, now: float) -> None:
