@@ -276,6 +276,10 @@ def test_bad_requests_are_value_errors_and_the_queue_is_bounded():
         engine.add_request(msg, [], SamplingParams(max_tokens=2))
     engine.run_until_done()  # nothing accepted is lost
     assert engine.stats["requests"] == 2 and not engine.has_work()
+    with pytest.raises(ValueError, match="EngineConfig.prefix_cache must be an integer >= 0, got -1"):
+        Engine(model, EngineConfig(prefix_cache=-1))
+    with pytest.raises(ValueError, match="EngineConfig.max_batch must be an integer >= 1, got 0"):
+        Engine(model, EngineConfig(max_batch=0))
 
 
 def test_abort_frees_the_slot():

@@ -45,6 +45,14 @@ class EngineConfig:
     encoder_cache: int = 32  # images whose visual tokens are kept, keyed by content hash (LRU)
     prefix_cache: int = 8192  # prompt positions whose keys/values are kept for prompts that begin the same way (0: off)
 
+    def validate(self) -> None:
+        """A ValueError naming the field, its value and the bound, for any size out of range."""
+        for name, least in (("max_batch", 1), ("max_len", 1), ("step_tokens", 1), ("max_waiting", 0),
+                            ("encoder_cache", 0), ("prefix_cache", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= {least}, got {value!r}")
+
 
 class QueueFull(RuntimeError):
     """The engine's waiting queue is at its bound; try again later."""
@@ -112,6 +120,7 @@ class Engine:
     def __init__(self, model: VLM, config: EngineConfig | None = None, *, backend: str = "segments") -> None:
         self.model = model.eval()
         self.config = config or EngineConfig()
+        self.config.validate()
         lm = model.lm
         use_backend(lm, backend)
         lm_cfg = lm.config
