@@ -6,6 +6,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+
+def _bundled_reader() -> str:
+    from fovea.vision import bundled_reader_dir
+
+    return str(bundled_reader_dir())
 
 
 def cmd_demo(max_side: int, llm: str, threads: int | None) -> int:
@@ -181,6 +188,54 @@ def cmd_train(config: str | None, resume: bool, overrides: dict) -> int:
     return 0
 
 
+def cmd_pretrain(config: str | None, resume: bool, overrides: dict) -> int:
+    """Teach an encoder to read: the reading curriculum on rendered lines and page crops (CTC through a light
+    head on the encoder's grid). Settings come from CONFIG.yaml, then from flags; --resume continues a run."""
+    import yaml
+
+    from fovea.train.reading import ReadingConfig, train_reading
+
+    data = {}
+    if config:
+        if not Path(config).is_file():
+            raise ValueError(f"reading config {config!r} does not exist")
+        data = yaml.safe_load(Path(config).read_text()) or {}
+    cfg = ReadingConfig.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+    result = train_reading(cfg, resume=resume)
+    print(json.dumps({"final": str(result.final), "steps": len(result.losses), "cpu_hours": result.cpu_seconds / 3600,
+                      "last_eval": result.evals[-1] if result.evals else None}))
+    return 0
+
+
+def cmd_eval_ocr(reader: str, lines: int, blocks: int, peer: bool, out: str | None, threads: int | None) -> int:
+    """Held-out reading probe of a pretrained encoder (character accuracy, exact line and field match), next to
+    PP-OCRv6 on the same crops."""
+    from fovea.eval.ocr import evaluate_reading
+
+    result = evaluate_reading(reader, lines=lines, blocks=blocks, peer=peer, out=out, threads=threads)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One --flag per field of a settings dataclass (default None: unset flags leave the YAML/default value)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
+        elif isinstance(f.default, tuple):
+            kind = int if f.default and isinstance(f.default[0], int) else str
+            p.add_argument(flag, type=kind, nargs="+", default=None, help=f"(default {' '.join(map(str, f.default))})")
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            p.add_argument(flag, nargs="+", default=None)
+        else:
+            kind = type(f.default) if f.default is not None else str
+            kind = int if f.name == "threads" else kind
+            p.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
+
+
 def _train_flags(p: argparse.ArgumentParser) -> None:
     import dataclasses
 
@@ -269,6 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: cmd_train(a.config, a.resume, {
         k: (tuple(v) if k == "lora_targets" and v else v) for k, v in vars(a).items()
         if k not in ("config", "resume", "run", "command")}))
+
+    p = sub.add_parser("pretrain", help=cmd_pretrain.__doc__, description=cmd_pretrain.__doc__)
+    p.add_argument("config", nargs="?", help="YAML file of reading-curriculum settings (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    from fovea.train.reading import ReadingConfig
+
+    _dataclass_flags(p, ReadingConfig)
+    p.set_defaults(run=lambda a: cmd_pretrain(a.config, a.resume, {
+        k: v for k, v in vars(a).items() if k not in ("config", "resume", "run", "command")}))
+
+    p = sub.add_parser("eval", help="accuracy evaluations", description="accuracy evaluations")
+    ev = p.add_subparsers(dest="evaluation", required=True)
+    p = ev.add_parser("ocr", help=cmd_eval_ocr.__doc__, description=cmd_eval_ocr.__doc__)
+    p.add_argument("reader", nargs="?", default=None, help="a `fovea pretrain` final folder (default: the bundled "
+                   "reading encoder)")
+    p.add_argument("--lines", type=int, default=500, help="held-out single lines")
+    p.add_argument("--blocks", type=int, default=50, help="held-out page crops")
+    p.add_argument("--no-peer", dest="peer", action="store_false", help="skip PP-OCRv6")
+    p.add_argument("--out", default=None, help="folder for reading-probe.json and .png")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.set_defaults(run=lambda a: cmd_eval_ocr(a.reader or _bundled_reader(), a.lines, a.blocks, a.peer, a.out,
+                                              a.threads))
 
     p = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
     p.add_argument("src", help="directory written by transformers save_pretrained (with its tokenizer)")

@@ -87,10 +87,33 @@ def available_encoders() -> list[str]:
     return _ENCODERS.names()
 
 
+# Weights that ship inside the package, named in configs as "bundled:<name>" so saved configs stay portable.
+BUNDLED_PREFIX = "bundled:"
+_BUNDLED = {"reader": "weights/reader/encoder.safetensors"}
+
+
+def bundled_reader_dir() -> Path:
+    """The folder of the bundled reading encoder (``fovea pretrain`` output: encoder, probe head, settings)."""
+    return Path(__file__).resolve().parent.parent / "weights" / "reader"
+
+
+def resolve_weights(spec: str) -> str:
+    """A weights path: ``bundled:<name>`` -> the file inside the package; anything else is a local path."""
+    if not spec.startswith(BUNDLED_PREFIX):
+        return spec
+    name = spec.removeprefix(BUNDLED_PREFIX)
+    if name not in _BUNDLED:
+        raise ValueError(f"unknown bundled weights {spec!r}; available: {[BUNDLED_PREFIX + k for k in _BUNDLED]}")
+    path = Path(__file__).resolve().parent.parent / _BUNDLED[name]
+    if not path.is_file():
+        raise ValueError(f"bundled weights {spec!r} are missing from this installation ({path})")
+    return str(path)
+
+
 def build_encoder(cfg: VisionConfig) -> Encoder:
     encoder = _ENCODERS.get(cfg.name)(cfg)
     if cfg.weights:
-        load_encoder_weights(encoder, cfg.weights)
+        load_encoder_weights(encoder, resolve_weights(cfg.weights))
     return encoder
 
 
@@ -100,17 +123,23 @@ def load_encoder_weights(encoder: Encoder, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"encoder weights file {path!r} does not exist")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+            state = load_file(str(file))
+        else:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as err:  # noqa: BLE001  (safetensors and pickle raise many kinds; all mean "unreadable")
+        raise ValueError(f"encoder weights file {path!r} is corrupt or not a weights file: {err}") from err
     target = encoder.model if hasattr(encoder, "model") else encoder
     if any(k.startswith("model.") for k in state):
         state = {k.removeprefix("model."): v for k, v in state.items()}
-    result = target.load_state_dict(state, strict=False)
+    try:
+        result = target.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch: weights of another architecture
+        raise ValueError(f"encoder weights {path!r} do not fit encoder {type(target).__name__}: {err}") from err
     missing = list(result.missing_keys)
     if missing:
         raise ValueError(f"encoder weights {path!r} are missing {len(missing)} keys, e.g. {missing[:5]}")

@@ -164,3 +164,20 @@ def vit_l14_336(cfg: VisionConfig) -> Encoder:
 def vit_l14_336_anyres(cfg: VisionConfig) -> Encoder:
     """CLIP ViT-L/14 over AnyRes 336 px tiles plus a thumbnail: the LLaVA-NeXT baseline."""
     return TiledViT(cfg)
+
+
+# The reading encoder: MCi0's blocks at stride 16 (the last stage keeps the stride-16 grid instead of halving it), so
+# each cell covers about one character at body-text size after a 2880 px page is resized to 1536 px. Convolutional
+# stages to stride 16, then attention over that grid, then a 512-channel 3x3 projection.
+READER_ARCH = dict(
+    layers=(2, 4, 8, 2),
+    embed_dims=(64, 128, 256, 256),
+    downsamples=(False, True, True, False),
+)
+
+
+@register_encoder("fovea-reader")
+def fovea_reader(cfg: VisionConfig) -> Encoder:
+    """fovea's reading hybrid (timm FastViT blocks): convolutions to stride 16, attention on the stride-16 grid,
+    512 channels; pretrained on rendered text by ``fovea pretrain``."""
+    return TimmHybrid(arch="fastvit_mci0", stride=16, overrides={**READER_ARCH, **cfg.overrides})

@@ -1,0 +1,1 @@
+"""Accuracy evaluations: the held-out reading probe (``fovea.eval.ocr``)."""
