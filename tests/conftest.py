@@ -16,6 +16,7 @@ from fovea.config import ConnectorConfig, LMConfig, PreprocessConfig, VisionConf
 TINY_ENCODERS = {
     "fastvithd": dict(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128)),
     "fastvit-mci0": dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128)),
+    "fovea-reader": dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 64, 64)),
     "vit-l14-336": dict(embed_dim=32, depth=2, num_heads=2),
     "vit-l14-336-anyres": dict(embed_dim=32, depth=2, num_heads=2),
 }

@@ -51,7 +51,8 @@ def cmd_ask(image: str, question: str, model: str | None, stream: bool, args: ar
     from fovea.loading import load_vlm
 
     params = _sampling(args)
-    vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, file=sys.stderr, flush=True),
+                   device=args.device, dtype=args.dtype, threads=args.threads)
     engine = Engine(vlm, EngineConfig(max_batch=1, max_len=args.max_len))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     request = engine.add_request(messages, [image], params)
@@ -87,7 +88,8 @@ def cmd_serve(model: str | None, host: str, port: int, args: argparse.Namespace)
     from fovea.loading import load_vlm
     from fovea.serve import create_app
 
-    vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, flush=True))
+    vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, flush=True), device=args.device,
+                   dtype=args.dtype, threads=args.threads)
     engine = Engine(vlm, EngineConfig(max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
                                       encoder_cache=args.encoder_cache, prefix_cache=args.prefix_cache))
     engine.start()
@@ -253,6 +255,15 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
 
 
+def add_placement_args(p: argparse.ArgumentParser, threads: bool = True) -> None:
+    """--device, --dtype (and --threads): the fovea.runtime policy, checked before any model is built."""
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware computes it natively, else "
+                   "float32), float32, bfloat16, float16 (GPU)")
+    if threads:
+        p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, the cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fovea", description="Fast vision-language models for high-resolution "
                                      "documents.")
@@ -274,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="fovea model directory or preset (default fastvithd-qformer-64)")
         p.add_argument("--llm", default=None, help="LLM for a preset (default: smollm2 if fetched, else its shape)")
         p.add_argument("--max-len", type=int, default=2048, help="context length per request (prompt + answer)")
+        add_placement_args(p)
 
     def add_sampling_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most")

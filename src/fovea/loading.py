@@ -8,6 +8,7 @@ from pathlib import Path
 from fovea.config import PRESETS, preset
 from fovea.lm import smollm2_dir
 from fovea.model import VLM
+from fovea.runtime import placement
 
 DEFAULT_PRESET = "fastvithd-qformer-64"
 
@@ -17,9 +18,13 @@ def default_llm() -> str:
     return "smollm2" if (smollm2_dir() / "config.json").is_file() else "smollm2-135m-shape"
 
 
-def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Callable[[str], None] = print) -> VLM:
+def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Callable[[str], None] = print,
+             device: str | None = "auto", dtype: str | None = "auto", threads: int | None = None) -> VLM:
     """``spec``: a fovea model directory, or a preset name (default ``fastvithd-qformer-64``) whose LLM is
-    ``llm`` (default: ``default_llm()``). The model comes back in eval mode with the encoder fused for inference."""
+    ``llm`` (default: ``default_llm()``). The model comes back in eval mode with the encoder fused for inference,
+    on ``device`` in ``dtype`` (``fovea.runtime`` policy: auto = CUDA if present; bf16 where the hardware computes
+    it natively). An unavailable device or dtype is a ValueError before anything is built."""
+    place = placement(device, dtype, threads)
     spec = spec or DEFAULT_PRESET
     if Path(spec).is_dir():
         progress(f"loading model from {spec} ...")
@@ -32,4 +37,5 @@ def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Calla
         model = VLM.from_config(config)
     else:
         raise ValueError(f"--model {spec!r} is neither a model directory nor a preset; presets: {sorted(PRESETS)}")
-    return model.eval().reparameterize_encoder()
+    progress(f"running on {place.describe()}")
+    return model.eval().reparameterize_encoder().place(place.device, place.dtype)

@@ -24,6 +24,7 @@ from fovea.merge import merge_visual_tokens
 from fovea.packing import PackedBatch
 from fovea.preprocess import ImageProcessor, Processor
 from fovea.vision import Encoder, build_encoder
+from fovea.vision.base import place_encoder, run_encoder
 
 CONFIG_NAME, WEIGHTS_NAME, FORMAT_VERSION = "config.json", "model.safetensors", 1
 INSTRUCTION_TOKENIZER_DIR = "instruction_tokenizer"  # the Q-Former's own tokenizer, when it has one
@@ -60,6 +61,8 @@ class VLM(nn.Module):
             raise ValueError("this Q-Former has its own instruction vocabulary: pass its tokenizer as "
                              "instruction_tokenizer")
         self.encoder, self.connector, self.lm = encoder, connector, lm
+        # The encoder's compute dtype when its family autocasts (fp32 weights); None = it runs in its weights' dtype.
+        self.encoder_autocast: torch.dtype | None = None
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         use_backend(lm, config.lm.attention)
         self.set_trainable(
@@ -107,6 +110,19 @@ class VLM(nn.Module):
         self.config.vision.overrides.update(overrides)
         return self
 
+    def place(self, device: torch.device | str, dtype: torch.dtype) -> VLM:
+        """Move every stage to ``device`` and run it in ``dtype`` by the recipe measured fastest for it: the LLM
+        and connector cast their weights (the engine's KV cache follows the LLM); the encoder casts its weights or
+        keeps fp32 weights under autocast, as its family says (``Encoder.low_precision``), channels_last for
+        convolutional encoders in low precision. The saved config is untouched: placement is not a model property.
+        Choose ``device``/``dtype`` with ``fovea.runtime.placement`` (it checks what the hardware can run)."""
+        device = torch.device(device)
+        self.lm.to(device=device, dtype=dtype)
+        self.connector.to(device=device, dtype=dtype)
+        self.encoder_autocast = place_encoder(self.encoder, device, dtype)
+        use_backend(self.lm, self.config.lm.attention)  # the best attention backend depends on the device
+        return self
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
@@ -129,8 +145,8 @@ class VLM(nn.Module):
         different sizes are never padded to the largest."""
         out: list[torch.Tensor | None] = [None] * len(pixels)
         for _, idx in _group_by_shape(pixels).items():
-            batch = torch.stack([pixels[i] for i in idx]).to(self.device, self.encoder_dtype)  # (b,3,H,W)
-            feats = self.encoder.features(batch)  # (b,C,h,w)
+            batch = torch.stack([pixels[i] for i in idx])  # (b,3,H,W)
+            feats = run_encoder(self.encoder, batch, self.encoder_autocast)  # (b,C,h,w)
             for j, i in enumerate(idx):
                 out[i] = feats[j]
         return out  # type: ignore[return-value]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fovea.packing import IGNORE_INDEX, pack
+from fovea.runtime import resolve_device, resolve_dtype
 from fovea.train.data import encode_record, load_dataset, read_records, split_ids
 
 STAGES = ("align", "finetune")
@@ -51,7 +52,8 @@ class TrainConfig:
     warmup_steps: int = 10  # linear warm-up from 0 to lr
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16 support, else fp32), fp32 or bf16
+    precision: str = "auto"  # auto (bf16 autocast where the device computes bf16 natively, else fp32), fp32 or bf16
+    device: str = "auto"  # auto (CUDA if present, else CPU), cpu, cuda, cuda:N (under torchrun: the local GPU)
     eval_data: str | None = None  # held-out records; None = hold out eval_fraction of data
     eval_fraction: float = 0.1  # share of data held out when eval_data is None
     eval_every: int = 50  # steps between exact-match evaluations (0 = only at the end)
@@ -117,8 +119,10 @@ class TrainResult:
 
 
 # ----- distributed ------------------------------------------------------------------------------------------------
-def _dist_setup() -> tuple[int, int, torch.device]:
+def _dist_setup(requested: str = "auto") -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(requested)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
@@ -303,11 +307,8 @@ def _load_model(cfg: TrainConfig, device: torch.device):
     from fovea.loading import load_vlm
 
     torch.manual_seed(cfg.seed)  # presets initialise the connector randomly: the same on every process
-    model = load_vlm(cfg.model, llm=cfg.llm, progress=lambda s: None)  # frozen encoder: fused form
-    from fovea.attention import use_backend
-
-    use_backend(model.lm, "auto")
-    return model.to(device)
+    # fp32 weights (the master copy for what trains); bf16 comes from autocast in the loop. Frozen encoder: fused.
+    return load_vlm(cfg.model, llm=cfg.llm, progress=lambda s: None, device=str(device), dtype="float32")
 
 
 def _packed_loss(model, batch) -> torch.Tensor:
@@ -327,7 +328,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world, device = _dist_setup()
+    rank, world, device = _dist_setup(cfg.device)
+    # bf16 autocast keeps fp32 master weights for what trains; the policy refuses bf16 where it would be emulated.
+    low = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[cfg.precision]
+    bf16 = resolve_dtype(low, device) == torch.bfloat16
     main_process = rank == 0
     say = (lambda s: print(s, file=sys.stderr)) if main_process else (lambda s: None)
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -384,8 +388,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             start = _restore(ckpt, cfg, model, optimizer, scheduler, result, fsdp)
             say(f"fovea train: resumed from {ckpt.name} (step {start})")
 
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
-                                        and torch.cuda.is_bf16_supported())
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
     model.train()

@@ -24,6 +24,13 @@ class Encoder(nn.Module):
 
     stride: int
     channels: int
+    # How this family runs in bf16/fp16, chosen by measurement (docs/benchmarks.md, precision section): "weights"
+    # casts the parameters (FastViTHD: 3.3-3.5x fp32 with channels_last); "autocast" keeps fp32 weights and
+    # autocasts the forward (MCi0-sized hybrids: bf16 weights measured 0.87x fp32, autocast 2.1x).
+    low_precision: str = "weights"
+    # Convolutional encoders run channels_last in bf16 (FastViTHD: no gain from bf16 without it). In fp32 it gained
+    # nothing on an AVX2 EPYC (1.00-1.04x), so fp32 keeps the default layout.
+    channels_last: bool = False
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -69,6 +76,26 @@ class Encoder(nn.Module):
         if not upscale:
             scale = min(scale, 1.0)
         return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def place_encoder(encoder: Encoder, device: torch.device | str, dtype: torch.dtype) -> torch.dtype | None:
+    """Move ``encoder`` to ``device`` for computing in ``dtype`` by its family's measured recipe
+    (``low_precision``, ``channels_last``). Returns the autocast dtype to run it under (None: its weights' dtype)."""
+    low = dtype != torch.float32
+    autocast = low and encoder.low_precision == "autocast"
+    encoder.to(device=device, dtype=torch.float32 if autocast else dtype)
+    encoder.to(memory_format=torch.channels_last if low and encoder.channels_last else torch.contiguous_format)
+    return dtype if autocast else None
+
+
+def run_encoder(encoder: Encoder, pixels: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
+    """``encoder.features`` in the placement ``place_encoder`` chose: (B,3,H,W) -> (B,C,h,w)."""
+    weights = next(encoder.parameters())
+    low = autocast is not None or weights.dtype != torch.float32
+    layout = torch.channels_last if low and encoder.channels_last else torch.contiguous_format
+    pixels = pixels.to(weights.device, weights.dtype).contiguous(memory_format=layout)
+    with torch.autocast(weights.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        return encoder.features(pixels)
 
 
 def _round_up(n: int, k: int) -> int:

@@ -18,10 +18,13 @@ from fovea.vision.base import Encoder, register_encoder
 class TimmHybrid(Encoder):
     """A timm FastViT-family hybrid: convolutional stages downsample, attention runs only on the last, small grid."""
 
-    def __init__(self, *, arch: str, stride: int, overrides: dict) -> None:
+    channels_last = True
+
+    def __init__(self, *, arch: str, stride: int, overrides: dict, low_precision: str = "weights") -> None:
         super().__init__()
         self.model = timm.create_model(arch, pretrained=False, num_classes=0, **overrides)
         self.stride = stride
+        self.low_precision = low_precision
         self.channels = self.model.num_features
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -44,7 +47,7 @@ def fastvithd(cfg: VisionConfig) -> Encoder:
 @register_encoder("fastvit-mci0")
 def fastvit_mci0(cfg: VisionConfig) -> Encoder:
     """MobileCLIP MCi0 (timm ``fastvit_mci0``): a small hybrid for CPU work, stride 32, 1024 channels."""
-    return TimmHybrid(arch="fastvit_mci0", stride=32, overrides=dict(cfg.overrides))
+    return TimmHybrid(arch="fastvit_mci0", stride=32, overrides=dict(cfg.overrides), low_precision="autocast")
 
 
 def _clip_vit(cfg: VisionConfig, img_size: int):
@@ -180,4 +183,5 @@ READER_ARCH = dict(
 def fovea_reader(cfg: VisionConfig) -> Encoder:
     """fovea's reading hybrid (timm FastViT blocks): convolutions to stride 16, attention on the stride-16 grid,
     512 channels; pretrained on rendered text by ``fovea pretrain``."""
-    return TimmHybrid(arch="fastvit_mci0", stride=16, overrides={**READER_ARCH, **cfg.overrides})
+    return TimmHybrid(arch="fastvit_mci0", stride=16, overrides={**READER_ARCH, **cfg.overrides},
+                      low_precision="autocast")
