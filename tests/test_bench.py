@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fovea.bench.packing import format_table, run_packing_bench
 
 
@@ -40,13 +42,19 @@ def test_encoder_bench_measures_and_skips_with_an_estimate(tmp_path):
     assert rows[("ViT-L/14 native", "128x128")]["tokens"] == 10 * 10  # 128 px padded to 140 = 10 patches
     assert 0 < fast_small["gflops"] < fast_big["gflops"]
     assert all(r["median_s"] > 0 and r["runs"] == 1 for r in rows.values())
-    assert "ViT-L/14 native / FastViTHD @ 128x128" in payload["ratios"]
+    assert "ViT-L/14 native / FastViTHD @ 128x128 (float32)" in payload["ratios"]
+    assert payload["matmul_gflops"]["float32"] > 0  # the hardware limit is measured in the same run
+    assert all(r["limit_s"] > 0 and r["x_limit"] == pytest.approx(r["median_s"] / r["limit_s"])
+               for r in rows.values())
     assert (tmp_path / "encoder.png").read_bytes()[:4] == b"\x89PNG"
     assert "FastViTHD" in format_table(payload)
     skipped = run_encoder_bench(specs=specs[:1], resolutions=[(128, 128), (256, 384)], threads=2, warmup=0,
                                 repeats=1, max_run_s=1e-9, out_dir=tmp_path, progress=lambda s: None)
     second = skipped["rows"][1]
     assert second["skipped"] and second["estimated_s"] > 0
+    with pytest.raises(ValueError, match="float16"):
+        run_encoder_bench(specs=specs[:1], resolutions=[(128, 128)], device="cpu", dtypes=("float32", "float16"),
+                          out_dir=tmp_path, progress=lambda s: None)
 
 
 def test_ttft_bench_with_transformers_peers(tmp_path):

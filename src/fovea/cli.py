@@ -15,11 +15,12 @@ def _bundled_reader() -> str:
     return str(bundled_reader_dir())
 
 
-def cmd_demo(max_side: int, llm: str, threads: int | None) -> int:
+def cmd_demo(max_side: int, llm: str, threads: int | None, device: str = "auto", dtype: str = "auto") -> int:
     """Time a 2880x2160 contract page through LLaVA-NeXT-, FastVLM- and compressor-style layouts."""
     from fovea.bench.demo import format_table, run_demo
 
-    rows, meta = run_demo(max_side=max_side, llm=llm, threads=threads, progress=lambda s: print(s, flush=True))
+    rows, meta = run_demo(max_side=max_side, llm=llm, threads=threads, device=device, dtype=dtype,
+                          progress=lambda s: print(s, flush=True))
     print()
     print(format_table(rows, meta))
     return 0
@@ -272,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     p.add_argument("--max-side", type=int, default=1536, help="long side of the FastViTHD input in pixels")
     p.add_argument("--llm", default="auto", help="LLM preset or 'smollm2'; auto = SmolLM2 if fetched, else its shape")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.set_defaults(run=lambda a: cmd_demo(a.max_side, a.llm, a.threads))
+    add_placement_args(p)
+    p.set_defaults(run=lambda a: cmd_demo(a.max_side, a.llm, a.threads, a.device, a.dtype))
 
     p = sub.add_parser("fetch-llm", help=cmd_fetch_llm.__doc__, description=cmd_fetch_llm.__doc__)
     p.add_argument("name", choices=["smollm2"], help="which LLM")

@@ -5,50 +5,60 @@ from __future__ import annotations
 import argparse
 
 
-def cmd_bench_packing(lm: str, quick: bool, threads: int | None, repeats: int, out: str) -> int:
+def cmd_bench_packing(lm: str, quick: bool, threads: int | None, repeats: int, out: str, device: str = "auto",
+                      dtype: str = "auto") -> int:
     """Padded vs packed vs one-at-a-time forward over mixed-length sequences; JSON + PNG chart."""
     from fovea.bench.packing import format_table, run_packing_bench
 
-    payload = run_packing_bench(lm=lm, quick=quick, threads=threads, repeats=repeats, out_dir=out,
+    payload = run_packing_bench(lm=lm, quick=quick, threads=threads, repeats=repeats, out_dir=out, device=device,
+                                dtype=dtype,
                                 progress=lambda s: print(s, flush=True))
     print()
     print(format_table(payload))
     return 0
 
 
-def cmd_bench_encoder(quick: bool, threads: int | None, repeats: int, max_run_s: float, out: str) -> int:
-    """Encoder latency, peak memory, GFLOPs and tokens versus resolution; JSON + PNG chart."""
+def cmd_bench_encoder(quick: bool, threads: int | None, repeats: int, max_run_s: float, out: str, device: str,
+                      dtypes: list[str]) -> int:
+    """Encoder latency, peak memory, GFLOPs, tokens and the hardware limit versus resolution, per dtype; JSON + PNG."""
     from fovea.bench.encoder import format_table, run_encoder_bench
 
     payload = run_encoder_bench(quick=quick, threads=threads, repeats=repeats, max_run_s=max_run_s, out_dir=out,
-                                progress=lambda s: print(s, flush=True))
+                                device=device, dtypes=tuple(dtypes), progress=lambda s: print(s, flush=True))
     print()
     print(format_table(payload))
     return 0
 
 
 def cmd_bench_ttft(quick: bool, llm: list[str] | None, max_side: int, threads: int | None, repeats: int,
-                   no_peers: bool, only: str | None, out: str) -> int:
+                   no_peers: bool, only: str | None, out: str, device: str = "auto", dtype: str = "auto") -> int:
     """Time to first token by stage on a 2880x2160 page, beside transformers' FastVLM and LLaVA-NeXT."""
     from fovea.bench.ttft import format_table, run_ttft_bench
 
     payload = run_ttft_bench(llms=llm, quick=quick, max_side=max_side, threads=threads, repeats=repeats,
-                             peers=not no_peers, only=only, out_dir=out, progress=lambda s: print(s, flush=True))
+                             peers=not no_peers, only=only, out_dir=out, device=device, dtype=dtype,
+                             progress=lambda s: print(s, flush=True))
     print()
     print(format_table(payload))
     return 0
 
 
 def cmd_bench_serve(llm: str, requests: int, max_tokens: int, pages: int, levels: list[int], threads: int | None,
-                    out: str) -> int:
+                    out: str, device: str = "auto", dtype: str = "auto") -> int:
     """Engine throughput and TTFT percentiles vs transformers generate (one at a time, padded batch)."""
     from fovea.bench.serve import format_table, run_serve_bench
 
     payload = run_serve_bench(llm=llm, requests=requests, max_tokens=max_tokens, pages=pages, levels=tuple(levels),
-                              threads=threads, out_dir=out, progress=lambda s: print(s, flush=True))
+                              threads=threads, out_dir=out, device=device, dtype=dtype,
+                              progress=lambda s: print(s, flush=True))
     print()
     print(format_table(payload))
     return 0
+
+
+def _placement_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where native, else float32), float32, bfloat16, float16")
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +71,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per mode (after one warm-up)")
     p.add_argument("--out", default="bench-results", help="directory for packing.json and packing.png")
-    p.set_defaults(run=lambda a: cmd_bench_packing(a.lm, a.quick, a.threads, a.repeats, a.out))
+    _placement_flags(p)
+    p.set_defaults(run=lambda a: cmd_bench_packing(a.lm, a.quick, a.threads, a.repeats, a.out, a.device, a.dtype))
 
     p = which.add_parser("encoder", help=cmd_bench_encoder.__doc__, description=cmd_bench_encoder.__doc__)
     p.add_argument("--quick", action="store_true", help="336, 672 and 1024 px only")
@@ -69,7 +80,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="measured runs per point (fewer when one run is long)")
     p.add_argument("--max-run-s", type=float, default=300.0, help="skip (and record) points estimated above this")
     p.add_argument("--out", default="bench-results", help="directory for encoder.json and encoder.png")
-    p.set_defaults(run=lambda a: cmd_bench_encoder(a.quick, a.threads, a.repeats, a.max_run_s, a.out))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", type=lambda v: v.split(","),
+                   help="comma-separated dtypes measured in one run, e.g. float32,bfloat16 (auto: the policy's)")
+    p.set_defaults(run=lambda a: cmd_bench_encoder(a.quick, a.threads, a.repeats, a.max_run_s, a.out, a.device,
+                                                   a.dtype))
 
     p = which.add_parser("serve", help=cmd_bench_serve.__doc__, description=cmd_bench_serve.__doc__)
     p.add_argument("--llm", default="smollm2-135m-shape", help="LLM preset or smollm2")
@@ -80,8 +95,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", default="bench-results", help="directory for serve.json and serve.png")
+    _placement_flags(p)
     p.set_defaults(run=lambda a: cmd_bench_serve(a.llm, a.requests, a.max_tokens, a.pages, a.levels, a.threads,
-                                                 a.out))
+                                                 a.out, a.device, a.dtype))
 
     p = which.add_parser("ttft", help=cmd_bench_ttft.__doc__, description=cmd_bench_ttft.__doc__)
     p.add_argument("--quick", action="store_true", help="fewer layouts, SmolLM2 only: a few minutes")
@@ -93,5 +109,6 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-peers", action="store_true", help="skip the transformers FastVLM / LLaVA-NeXT peers")
     p.add_argument("--only", default=None, help="only layouts whose name contains this, e.g. 'MLP (FastVLM)'")
     p.add_argument("--out", default="bench-results", help="directory for ttft.json and ttft.png")
+    _placement_flags(p)
     p.set_defaults(run=lambda a: cmd_bench_ttft(a.quick, a.llm, a.max_side, a.threads, a.repeats, a.no_peers,
-                                                a.only, a.out))
+                                                a.only, a.out, a.device, a.dtype))

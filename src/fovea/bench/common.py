@@ -15,13 +15,6 @@ from typing import Any
 import torch
 
 
-def setup_threads(threads: int | None) -> int:
-    """Fix torch's intra-op thread count (default: every core) so runs are comparable; returns it."""
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
 def environment() -> dict[str, Any]:
     import timm
     import transformers
@@ -143,6 +136,15 @@ def time_adaptive(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3, b
     if warmup <= 1:
         return time_call(fn, warmup=0, repeats=rest)
     return time_call(fn, warmup=warmup - 1, repeats=rest)
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """The machine's dense matmul rate in ``dtype`` (GFLOP/s, median of ``repeats``), measured now: the
+    hardware-limit column divides a stage's FLOPs by it."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timing = time_call(lambda: a @ b, warmup=1, repeats=repeats)
+    return 2 * n**3 / timing.median_s / 1e9
 
 
 def count_flops(fn: Callable[[], Any]) -> float:

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fovea.bench.common import describe, environment, setup_threads
+from fovea.bench.common import describe, environment
 from fovea.bench.stages import StageTimes, first_token
 from fovea.bench.ttft import Layout, build_layout_model
 from fovea.config import LMConfig, VisionConfig
 from fovea.lm import build_lm
 from fovea.loading import default_llm
+from fovea.runtime import placement
 from fovea.train.synth import render_contract
 
 
@@ -40,22 +41,22 @@ def demo_layouts(max_side: int) -> list[Layout]:
 
 def run_demo(
     *, max_side: int = 1536, llm: str = "auto", threads: int | None = None, seed: int = 0,
-    progress: Callable[[str], None] = print,
+    device: str = "auto", dtype: str = "auto", progress: Callable[[str], None] = print,
 ) -> tuple[list[DemoRow], dict]:
     """Render the page, then for each layout time preprocess / encode / compress / prefill to the first token."""
-    setup_threads(threads)
+    place = placement(device, dtype, threads)
     env = environment()
     torch.manual_seed(seed)
     if llm == "auto":
         llm = default_llm()
-    progress(f"[demo] {describe(env)}")
+    progress(f"[demo] {describe(env)}; {place.describe()}")
     progress("[demo] rendering a 2880x2160 contract page ...")
     page = render_contract(2880, 2160, seed=seed).image
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": "What is the agreement number?"}]}]
     progress(f"[demo] loading the LLM {llm!r} ...")
     lm, tokenizer = build_lm(LMConfig(name=llm))
-    lm.eval()
+    lm.eval().to(place.device, place.dtype)
     rows: list[DemoRow] = []
     encoders: dict[str, torch.nn.Module] = {}
     cached: dict[str, list[torch.Tensor]] = {}
@@ -63,7 +64,7 @@ def run_demo(
     for i, layout in enumerate(layouts, start=1):
         progress(f"[demo] {i}/{len(layouts)} {layout.label}: building ...")
         key = repr(layout.vision)
-        model = build_layout_model(layout, lm, tokenizer, encoders)
+        model = build_layout_model(layout, lm, tokenizer, encoders).place(place.device, place.dtype)
         progress(f"[demo] {i}/{len(layouts)} {layout.label}: running to the first token ...")
         start = time.perf_counter()
         shared = key in cached
@@ -74,7 +75,7 @@ def run_demo(
         size = model.processor().image_processor(page).pixels.shape[-2:]
         rows.append(DemoRow(layout.label, f"{size[0]}x{size[1]}", times, shared))
         progress(f"[demo] {i}/{len(layouts)} done in {time.perf_counter() - start:.1f} s")
-    return rows, {"env": env, "llm": llm, "max_side": max_side}
+    return rows, {"env": env, "llm": llm, "max_side": max_side, "placement": place.describe()}
 
 
 def format_table(rows: list[DemoRow], meta: dict) -> str:

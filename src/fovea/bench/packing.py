@@ -28,13 +28,13 @@ from fovea.bench.common import (
     pyplot,
     save_figure,
     save_results,
-    setup_threads,
     time_call,
 )
 from fovea.config import LMConfig
 from fovea.lm import build_lm
 from fovea.packing import Sample, first_fit_decreasing, pack
 from fovea.packing.binpack import packing_stats
+from fovea.runtime import dtype_name, placement
 
 SEED_LENGTHS = [50, 120, 300, 80, 4000, 60, 900, 200]
 
@@ -61,11 +61,13 @@ def run_case(name: str, lengths: list[int], *, reference: torch.nn.Module, packe
              batch_size: int, capacity: int, warmup: int, repeats: int, seed: int,
              progress: Callable[[str], None]) -> dict[str, Any]:
     cfg = reference.config
+    device = next(reference.parameters()).device
     seqs = _ids(lengths, cfg.vocab_size, seed)
     real = sum(lengths)
     bins = first_fit_decreasing(lengths, capacity)
-    streams = [pack([Sample(input_ids=seqs[i]) for i in b]) for b in bins]
-    padded = _padded_batches(seqs, batch_size)
+    streams = [pack([Sample(input_ids=seqs[i]) for i in b]).to(device) for b in bins]
+    padded = [(i.to(device), m.to(device)) for i, m in _padded_batches(seqs, batch_size)]
+    seqs = [s.to(device) for s in seqs]
     per_pair = 4 * cfg.num_hidden_layers * cfg.hidden_size
     plain = dict(logits_to_keep=1, use_cache=False)
 
@@ -111,13 +113,14 @@ def run_case(name: str, lengths: list[int], *, reference: torch.nn.Module, packe
 
 def run_packing_bench(*, lm: str = "llama-6l-512", quick: bool = False, threads: int | None = None,
                       warmup: int = 1, repeats: int = 3, mix_count: int = 12, seed: int = 0,
+                      device: str = "auto", dtype: str = "auto",
                       out_dir: str | Path = "bench-results", progress: Callable[[str], None] = print) -> dict[str, Any]:
-    setup_threads(threads)
+    place = placement(device, dtype, threads)
     env = environment()
-    progress(f"[bench packing] {describe(env)}; LLM preset {lm!r} (random weights, fp32)")
+    progress(f"[bench packing] {describe(env)}; LLM preset {lm!r} (random weights); {place.describe()}")
     torch.manual_seed(seed)
     reference, _ = build_lm(LMConfig(name=lm))
-    reference.eval()
+    reference.eval().to(place.device, place.dtype)
     reference.set_attn_implementation("sdpa")
     packed_model = copy.deepcopy(reference)
     use_backend(packed_model, "segments")
@@ -133,6 +136,7 @@ def run_packing_bench(*, lm: str = "llama-6l-512", quick: bool = False, threads:
         "random-mix": run_case("random-mix", mix, batch_size=4, **common),
     }
     payload = {"benchmark": "packing", "env": env, "lm": lm, "quick": quick, "cases": cases,
+               "device": str(place.device), "dtype": dtype_name(place.dtype),
                "command": _command(lm, quick, threads, repeats, out_dir)}
     return save_results(payload, out_dir, "packing", chart, progress)
 

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from fovea.bench.common import describe, environment, pyplot, save_figure, save_results, setup_threads
+from fovea.bench.common import describe, environment, pyplot, save_figure, save_results
 from fovea.config import CLIP_MEAN, CLIP_STD, ConnectorConfig, LMConfig, PreprocessConfig, VisionConfig, VLMConfig
 from fovea.engine import Engine, EngineConfig, SamplingParams
 from fovea.engine import stream as stream_events
 from fovea.model import VLM
+from fovea.runtime import dtype_name, placement
 from fovea.train.synth import render_contract
 
 QUESTIONS = ["What is the agreement number?", "Who is the client?", "What is the governing law?",
@@ -98,7 +99,8 @@ def _clients(requests: list[dict], concurrency: int, handle: Callable[[dict], tu
 
 def _prepare(model: VLM, r: dict) -> torch.Tensor:
     prompt = model.processor()(r["messages"], r["images"])
-    return model.embed(prompt.input_ids, model.visual_tokens([p.pixels for p in prompt.images]))  # (L,D)
+    visual = model.visual_tokens([p.pixels for p in prompt.images])
+    return model.embed(prompt.input_ids.to(model.device), visual)  # (L,D)
 
 
 def run_fovea(model: VLM, requests: list[dict], concurrency: int, max_len: int, caches: bool = False) -> dict:
@@ -132,9 +134,9 @@ def run_hf_one_at_a_time(model: VLM, reference_lm, requests: list[dict], concurr
         with busy, torch.inference_mode():
             embeds = _prepare(model, r)
             streamer = _FirstToken()
-            out = reference_lm.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, len(embeds),
-                                        dtype=torch.long), max_new_tokens=r["max_tokens"], min_new_tokens=r[
-                                        "max_tokens"], do_sample=False, streamer=streamer)
+            mask = torch.ones(1, len(embeds), dtype=torch.long, device=embeds.device)
+            out = reference_lm.generate(inputs_embeds=embeds[None], attention_mask=mask, max_new_tokens=r["max_tokens"],
+                                        min_new_tokens=r["max_tokens"], do_sample=False, streamer=streamer)
         return streamer.first - submitted, int(out.shape[1])
 
     return _clients(requests, concurrency, handle)
@@ -162,8 +164,9 @@ def run_hf_padded(model: VLM, reference_lm, requests: list[dict], concurrency: i
                 embeds = [_prepare(model, r) for r, _ in batch]
                 longest = max(len(e) for e in embeds)
                 dim = embeds[0].shape[1]
-                padded = torch.zeros(len(batch), longest, dim, dtype=embeds[0].dtype)  # (B,Lmax,D), left padding
-                mask = torch.zeros(len(batch), longest, dtype=torch.long)
+                padded = torch.zeros(len(batch), longest, dim, dtype=embeds[0].dtype,
+                                     device=embeds[0].device)  # (B,Lmax,D), left padding
+                mask = torch.zeros(len(batch), longest, dtype=torch.long, device=embeds[0].device)
                 for i, e in enumerate(embeds):
                     padded[i, longest - len(e):], mask[i, longest - len(e):] = e, 1
                 n = max(r["max_tokens"] for r, _ in batch)
@@ -200,16 +203,17 @@ def build_bench_model(llm: str, max_side: int) -> VLM:
 
 def run_serve_bench(*, llm: str = "smollm2-135m-shape", levels: tuple[int, ...] = (1, 4, 16), requests: int = 32,
                     max_tokens: int = 32, pages: int = 4, max_side: int = 512, threads: int | None = None,
-                    model: VLM | None = None,
+                    model: VLM | None = None, device: str = "auto", dtype: str = "auto",
                     out_dir: str | Path = "bench-results", progress: Callable[[str], None] = print) -> dict[str, Any]:
     import copy
 
-    setup_threads(threads)
+    place = placement(device, dtype, threads)
     env = environment()
     progress(f"[bench serve] {describe(env)}; LLM {llm}; FastViT-MCi0 + Q-Former 64; {requests} requests about "
              f"{min(pages, requests)} pages, {max_tokens} new tokens at most; greedy")
-    model = model or build_bench_model(llm, max_side)
-    reference_lm = copy.deepcopy(model.lm)
+    model = (model or build_bench_model(llm, max_side)).place(place.device, place.dtype)
+    progress(f"[bench serve] {place.describe()}: fovea and the transformers peers alike")
+    reference_lm = copy.deepcopy(model.lm)  # same device and dtype as fovea's: a fair pair
     reference_lm.set_attn_implementation("sdpa")
     reference_lm.generation_config.eos_token_id = None
     reference_lm.generation_config.pad_token_id = 0
@@ -239,6 +243,7 @@ def run_serve_bench(*, llm: str = "smollm2-135m-shape", levels: tuple[int, ...] 
                   "fovea / hf-one-at-a-time throughput": v["fovea"]["throughput_tok_s"]
                   / v["hf-one-at-a-time"]["throughput_tok_s"]} for c, v in results.items()}
     payload = {"benchmark": "serve", "env": env, "llm": llm, "requests": requests, "max_tokens": max_tokens,
+               "device": str(place.device), "dtype": dtype_name(place.dtype),
                "pages": pages, "levels": list(levels), "results": results, "ratios": ratios,
                "command": f"fovea bench serve --llm {llm} --requests {requests} --max-tokens {max_tokens} "
                           f"--pages {pages} --levels {' '.join(str(c) for c in levels)}"}

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from fovea.bench.common import (
+    count_flops,
     describe,
     environment,
+    matmul_gflops,
     pyplot,
     save_figure,
     save_results,
-    setup_threads,
     sync,
     time_adaptive,
 )
@@ -44,6 +45,7 @@ from fovea.connectors import build_connector
 from fovea.lm import build_lm, smollm2_dir
 from fovea.model import VLM
 from fovea.preprocess import grid_pinpoints
+from fovea.runtime import dtype_name, placement
 from fovea.train.synth import render_contract
 from fovea.vision import build_encoder
 
@@ -108,6 +110,27 @@ def build_layout_model(layout: Layout, lm, tokenizer, encoders: dict) -> VLM:
     return model
 
 
+def layout_flops(model: VLM, page) -> float:
+    """FLOPs of one request to its first token (encode, compress, prefill), counted by torch, not timed."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = model.processor()(messages, [page])
+
+    def run():
+        visual = torch.cat(model.compress(model.encode([img.pixels for img in prompt.images])))
+        model.lm(inputs_embeds=model.embed(prompt.input_ids[None].to(model.device), visual), use_cache=True,
+                 logits_to_keep=1)
+
+    # FlopCounterMode hooks every tensor that requires grad; under no_grad those have no graph and it fails.
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        model.requires_grad_(False)
+        with torch.no_grad():
+            return count_flops(run)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
 def measure_layout(model: VLM, page, *, features_cache: dict, warmup: int, repeats: int, budget_s: float,
                    cache_key: str) -> tuple[dict[str, Any], int]:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
@@ -126,7 +149,7 @@ def measure_layout(model: VLM, page, *, features_cache: dict, warmup: int, repea
     enc, feats = features_cache[cache_key]
     comp = time_adaptive(lambda: model.compress(feats), **kw)
     visual = torch.cat(model.compress(feats))
-    ids = prompt.input_ids[None]
+    ids = prompt.input_ids[None].to(model.device)
     token_box: dict[str, int] = {}
 
     def prefill():
@@ -151,16 +174,17 @@ def measure_fastvlm_peer(model: VLM, page, *, warmup: int, repeats: int, budget_
     from fovea.bench.stages import first_token
     from fovea.interop.fastvlm import fastvlm_peer
 
-    peer = fastvlm_peer(model)
+    # The peer runs where fovea runs, in fovea's dtype: a fair pair (transformers casts every weight).
+    peer = fastvlm_peer(model).to(model.device, next(model.lm.parameters()).dtype)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     processor = model.processor()
     box: dict[str, int] = {}
 
     def run_peer():
         prompt = processor(messages, [page])  # same preprocessing, counted in the peer's time too
-        out = peer.generate(input_ids=prompt.input_ids[None], pixel_values=prompt.images[0].pixels[None],
-                            attention_mask=torch.ones_like(prompt.input_ids)[None], max_new_tokens=1,
-                            do_sample=False)
+        ids = prompt.input_ids[None].to(model.device)
+        out = peer.generate(input_ids=ids, pixel_values=prompt.images[0].pixels[None].to(model.device, peer.dtype),
+                            attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
         box["t"] = int(out[0, -1])
 
     def run_fovea():
@@ -205,6 +229,8 @@ def measure_llava_next_peer(lm, tokenizer, page, pinpoints, *, warmup: int, repe
     peer = LlavaNextForConditionalGeneration(config).eval()
     peer.model.language_model.load_state_dict(lm.model.state_dict())
     peer.lm_head.load_state_dict(lm.lm_head.state_dict())
+    weights = next(lm.parameters())
+    peer.to(weights.device, weights.dtype)  # fovea's placement: the same device and dtype
     image_processor = LlavaNextImageProcessor(image_grid_pinpoints=[list(p) for p in pinpoints],
                                               size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile})
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
@@ -215,7 +241,8 @@ def measure_llava_next_peer(lm, tokenizer, page, pinpoints, *, warmup: int, repe
     box: dict[str, int] = {}
 
     def run():
-        inputs = processor(images=page, text=text, return_tensors="pt")
+        inputs = processor(images=page, text=text, return_tensors="pt").to(weights.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(weights.dtype)
         peer.generate(**inputs, max_new_tokens=1, do_sample=False)
         box["tokens"] = int(inputs["input_ids"].shape[1])
 
@@ -228,8 +255,10 @@ def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_si
                    peers: bool = True, layouts: list[Layout] | None = None, out_dir: str | Path = "bench-results",
                    page_size: tuple[int, int] = (2880, 2160), llava_vision: dict | None = None,
                    llava_pinpoints: tuple[tuple[int, int], ...] = LLAVA_NEXT_PINPOINTS, only: str | None = None,
+                   device: str = "auto", dtype: str = "auto",
                    progress: Callable[[str], None] = print) -> dict[str, Any]:
-    setup_threads(threads)
+    place = placement(device, dtype, threads)
+    rate = matmul_gflops(place.dtype, place.device)
     env = environment()
     llms = llms or (["smollm2"] if quick else ["qwen2-0.5b-shape", "smollm2"])
     layouts = layouts or default_layouts(quick, max_side)
@@ -237,7 +266,8 @@ def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_si
         layouts = [layout for layout in layouts if only in layout.label]
         if not layouts:
             raise ValueError(f"--only {only!r} matches no layout")
-    progress(f"[bench ttft] {describe(env)}; fp32; random vision/connector weights")
+    progress(f"[bench ttft] {describe(env)}; {place.describe()}; matmul {rate:,.0f} GFLOP/s; random vision/connector "
+             "weights")
     progress(f"[bench ttft] rendering the {page_size[0]}x{page_size[1]} contract page ...")
     page = render_contract(*page_size, seed=0).image
     results: dict[str, Any] = {}
@@ -248,20 +278,21 @@ def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_si
         progress(f"[bench ttft] LLM {label}: loading ...")
         torch.manual_seed(0)
         lm, tokenizer = build_lm(LMConfig(name=preset))
-        lm.eval()
+        lm.eval().to(place.device, place.dtype)
         rows = []
         first_tokens: dict[str, int] = {}
         for i, layout in enumerate(layouts, start=1):
             progress(f"[bench ttft] {label}: {i}/{len(layouts)} {layout.label} ...")
             cache_key = f"{layout.vision!r}@{layout.max_side}"
-            model = build_layout_model(layout, lm, tokenizer, encoders)
+            model = build_layout_model(layout, lm, tokenizer, encoders).place(place.device, place.dtype)
             start = time.perf_counter()
             with torch.inference_mode():
                 row, token = measure_layout(model, page, features_cache=features_cache, warmup=warmup,
                                             repeats=repeats, budget_s=budget_s,
                                             cache_key=cache_key)
+            row["limit_s"] = layout_flops(model, page) / 1e9 / rate
             sync()
-            row.update(layout=layout.label, tags=layout.tags)
+            row.update(layout=layout.label, tags=layout.tags, x_limit=row["ttft_s"] / row["limit_s"])
             rows.append(row)
             first_tokens[layout.label] = token
             progress(f"[bench ttft]   {row['visual_tokens']:,} visual tokens, TTFT {row['ttft_s']:.2f} s "
@@ -288,7 +319,8 @@ def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_si
         results[label] = {"rows": rows, "claims": claims(rows)}
         del lm
     payload = {"benchmark": "ttft", "env": env, "quick": quick, "max_side": max_side, "results": results,
-               "page": f"{page_size[0]}x{page_size[1]}",
+               "page": f"{page_size[0]}x{page_size[1]}", "dtype": dtype_name(place.dtype),
+               "device": str(place.device), "matmul_gflops": rate,
                "command": "fovea bench ttft" + (" --quick" if quick else "") + (f" --only {only!r}" if only else "")}
     return save_results(payload, out_dir, "ttft", chart, progress)
 
@@ -317,13 +349,14 @@ def format_table(payload: dict[str, Any]) -> str:
     for llm, result in payload["results"].items():
         lines.append(f"LLM: {llm}")
         head = (f"  {'layout':<46} {'vis.tok':>7} {'prompt':>7} {'preproc':>8} {'encode':>8} {'compress':>8} "
-                f"{'prefill':>8} {'TTFT':>8}")
+                f"{'prefill':>8} {'TTFT':>8} {'limit':>7} {'x limit':>7}")
         lines += [head, "  " + "-" * (len(head) - 2)]
         for r in result["rows"]:
             if "encode_s" in r:
                 lines.append(f"  {r['layout']:<46} {r['visual_tokens']:>7,} {r['prompt_tokens']:>7,} "
                              f"{r['preprocess_s']:>7.2f}s {r['encode_s']:>7.2f}s {r['compress_s']:>7.2f}s "
-                             f"{r['prefill_s']:>7.2f}s {r['ttft_s']:>7.2f}s")
+                             f"{r['prefill_s']:>7.2f}s {r['ttft_s']:>7.2f}s "
+                             + (f"{r['limit_s']:>6.2f}s {r['x_limit']:>6.1f}x" if "limit_s" in r else ""))
             else:
                 tokens = f"{r['prompt_tokens']:>7,}" if "prompt_tokens" in r else f"{'':>7}"
                 lines.append(f"  {r['layout']:<46} {'':>7} {tokens} {'(end to end: generate, 1 token)':>35} "
@@ -333,6 +366,9 @@ def format_table(payload: dict[str, Any]) -> str:
                                  f"{'(end to end, alternating)':>35} {r['fovea_end_to_end_s']:>7.2f}s")
         for name, value in result["claims"].items():
             lines.append(f"  {name}: {value:.2f}x" if isinstance(value, float) else f"  {name}: {value}")
+    if "matmul_gflops" in payload:
+        lines.append(f"{payload['device']} {payload['dtype']}; limit = FLOPs / the {payload['matmul_gflops']:,.0f} "
+                     "GFLOP/s matmul rate measured in this run")
     lines.append(describe(payload["env"]))
     return "\n".join(lines)
 
