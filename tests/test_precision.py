@@ -183,3 +183,28 @@ def test_cuda_bf16_engine_equals_generate():
         out = reference.generate(inputs_embeds=embeds[None], max_new_tokens=8, do_sample=False,
                                  attention_mask=torch.ones(1, len(embeds), dtype=torch.long, device="cuda"))
     assert handle.tokens == out[0].tolist()
+
+
+@pytest.mark.parametrize("encoder", ["fastvithd", "fovea-reader"])
+def test_openvino_encoder_runtime_equals_torch(encoder):
+    """The optional OpenVINO runtime gives the torch fp32 features (and so the same visual tokens)."""
+    pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    torch_model = VLM.from_config(tiny_config(encoder, "qformer")).eval().reparameterize_encoder()
+    ov_model = copy.deepcopy(torch_model).place("cpu", torch.float32, encoder_runtime="openvino")
+    pixels = [img.pixels for img in _prompt(torch_model).images]
+    with torch.no_grad():
+        want, got = torch_model.encode(pixels)[0], ov_model.encode(pixels)[0]
+        assert rel(got, want) < 1e-4
+        assert rel(ov_model.visual_tokens(pixels), torch_model.visual_tokens(pixels)) < 1e-4
+    assert len(ov_model.encoder_runner._compiled) == 1  # compiled once for this page size
+    ov_model.encode(pixels)
+    assert len(ov_model.encoder_runner._compiled) == 1
+
+
+def test_openvino_runtime_is_cpu_only_and_named():
+    model = VLM.from_config(tiny_config("fastvit-mci0", "mlp")).eval()
+    with pytest.raises(ValueError, match="unknown encoder runtime 'tensorrt'"):
+        model.place("cpu", torch.float32, encoder_runtime="tensorrt")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        model.place("cuda", torch.float32, encoder_runtime="openvino")

@@ -53,7 +53,7 @@ def cmd_ask(image: str, question: str, model: str | None, stream: bool, args: ar
 
     params = _sampling(args)
     vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, file=sys.stderr, flush=True),
-                   device=args.device, dtype=args.dtype, threads=args.threads)
+                   device=args.device, dtype=args.dtype, threads=args.threads, encoder_runtime=args.encoder_runtime)
     engine = Engine(vlm, EngineConfig(max_batch=1, max_len=args.max_len))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     request = engine.add_request(messages, [image], params)
@@ -90,7 +90,7 @@ def cmd_serve(model: str | None, host: str, port: int, args: argparse.Namespace)
     from fovea.serve import create_app
 
     vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, flush=True), device=args.device,
-                   dtype=args.dtype, threads=args.threads)
+                   dtype=args.dtype, threads=args.threads, encoder_runtime=args.encoder_runtime)
     engine = Engine(vlm, EngineConfig(max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
                                       encoder_cache=args.encoder_cache, prefix_cache=args.prefix_cache))
     engine.start()
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--llm", default=None, help="LLM for a preset (default: smollm2 if fetched, else its shape)")
         p.add_argument("--max-len", type=int, default=2048, help="context length per request (prompt + answer)")
         add_placement_args(p)
+        p.add_argument("--encoder-runtime", default="torch", choices=["torch", "openvino"],
+                       help="run the encoder in torch, or OpenVINO on the CPU (fovea-vlm[openvino]; compiles once "
+                       "per page size, 1.25-1.3x faster per page after that)")
 
     def add_sampling_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most")

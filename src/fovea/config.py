@@ -127,6 +127,20 @@ def _preset(vision: str, connector: str, num_queries: int = 256, max_side: int =
     return make
 
 
+def _reader_preset(connector: str, num_queries: int):
+    def make() -> VLMConfig:
+        # The reading encoder was trained on [0, 1] pixels (no normalisation) at 10-24 px text: a 2880x2160 page
+        # resized to 1536 px puts body text there.
+        return VLMConfig(
+            vision=VisionConfig(name="fovea-reader", weights="bundled:reader"),
+            connector=ConnectorConfig(name=connector, num_queries=num_queries, instruction_aware=True),
+            lm=LMConfig(name="tiny-llama"),
+            preprocess=PreprocessConfig(max_side=1536),
+        )
+
+    return make
+
+
 # Named presets: each value builds a fresh config. The LLM defaults to a tiny random one; swap `lm` for real work.
 PRESETS = {
     "fastvlm": _preset("fastvithd", "mlp", max_side=1024),  # FastVLM layout: FastViTHD + 2-layer MLP
@@ -135,6 +149,9 @@ PRESETS = {
     "fastvithd-cabstractor-256": _preset("fastvithd", "c_abstractor", 256, max_side=1536),
     "llava-next": _preset("vit-l14-336-anyres", "mlp", max_side=1008),  # LLaVA-NeXT layout: AnyRes tiles + MLP
     "llava": _preset("vit-l14-336", "mlp", max_side=336),  # LLaVA-1.5 layout: one 336 px view + MLP
+    # fovea's pretrained reading encoder (bundled weights) + an instruction-aware Q-Former of 64 / 256 queries
+    "reader-qformer-64": _reader_preset("qformer", 64),
+    "reader-qformer-256": _reader_preset("qformer", 256),
 }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fovea.config import PRESETS, preset
 from fovea.lm import smollm2_dir
-from fovea.model import VLM
+from fovea.model import ENCODER_RUNTIMES, VLM
 from fovea.runtime import placement
 
 DEFAULT_PRESET = "fastvithd-qformer-64"
@@ -19,12 +19,18 @@ def default_llm() -> str:
 
 
 def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Callable[[str], None] = print,
-             device: str | None = "auto", dtype: str | None = "auto", threads: int | None = None) -> VLM:
+             device: str | None = "auto", dtype: str | None = "auto", threads: int | None = None,
+             encoder_runtime: str = "torch") -> VLM:
     """``spec``: a fovea model directory, or a preset name (default ``fastvithd-qformer-64``) whose LLM is
     ``llm`` (default: ``default_llm()``). The model comes back in eval mode with the encoder fused for inference,
     on ``device`` in ``dtype`` (``fovea.runtime`` policy: auto = CUDA if present; bf16 where the hardware computes
-    it natively). An unavailable device or dtype is a ValueError before anything is built."""
+    it natively). An unavailable device or dtype is a ValueError before anything is built. ``encoder_runtime``:
+    "torch", or "openvino" (CPU; the optional extra) for the encoder's forward."""
     place = placement(device, dtype, threads)
+    if encoder_runtime not in ENCODER_RUNTIMES:
+        raise ValueError(f"unknown encoder runtime {encoder_runtime!r}; available: {ENCODER_RUNTIMES}")
+    if encoder_runtime == "openvino" and place.device.type != "cpu":
+        raise ValueError(f"encoder runtime 'openvino' runs on the CPU, not on {place.device}")
     spec = spec or DEFAULT_PRESET
     if Path(spec).is_dir():
         progress(f"loading model from {spec} ...")
@@ -38,4 +44,4 @@ def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Calla
     else:
         raise ValueError(f"--model {spec!r} is neither a model directory nor a preset; presets: {sorted(PRESETS)}")
     progress(f"running on {place.describe()}")
-    return model.eval().reparameterize_encoder().place(place.device, place.dtype)
+    return model.eval().reparameterize_encoder().place(place.device, place.dtype, encoder_runtime)

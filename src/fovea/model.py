@@ -48,6 +48,9 @@ def image_layouts(
     return [(tuple(p.shape[-2:]), tuple(int(v) for v in size)) for p, size in zip(pixels, image_sizes, strict=True)]
 
 
+ENCODER_RUNTIMES = ("torch", "openvino")
+
+
 class VLM(nn.Module):
     def __init__(
         self, config: VLMConfig, *, encoder: Encoder, connector: Connector, lm: nn.Module, tokenizer: Any,
@@ -63,6 +66,8 @@ class VLM(nn.Module):
         self.encoder, self.connector, self.lm = encoder, connector, lm
         # The encoder's compute dtype when its family autocasts (fp32 weights); None = it runs in its weights' dtype.
         self.encoder_autocast: torch.dtype | None = None
+        # An OpenVINO runner for the encoder's forward (``place(..., encoder_runtime="openvino")``); None = torch.
+        self.encoder_runner: Any = None
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         use_backend(lm, config.lm.attention)
         self.set_trainable(
@@ -108,18 +113,32 @@ class VLM(nn.Module):
             return self
         overrides = self.encoder.reparameterize()
         self.config.vision.overrides.update(overrides)
+        if self.encoder_runner is not None:
+            self.encoder_runner.reset()  # compiled from the unfused encoder
         return self
 
-    def place(self, device: torch.device | str, dtype: torch.dtype) -> VLM:
+    def place(self, device: torch.device | str, dtype: torch.dtype, encoder_runtime: str = "torch") -> VLM:
         """Move every stage to ``device`` and run it in ``dtype`` by the recipe measured fastest for it: the LLM
         and connector cast their weights (the engine's KV cache follows the LLM); the encoder casts its weights or
         keeps fp32 weights under autocast, as its family says (``Encoder.low_precision``), channels_last for
         convolutional encoders in low precision. The saved config is untouched: placement is not a model property.
-        Choose ``device``/``dtype`` with ``fovea.runtime.placement`` (it checks what the hardware can run)."""
+        Choose ``device``/``dtype`` with ``fovea.runtime.placement`` (it checks what the hardware can run).
+        ``encoder_runtime="openvino"`` runs the encoder's forward through OpenVINO (CPU only; fp32 weights kept)."""
+        if encoder_runtime not in ENCODER_RUNTIMES:
+            raise ValueError(f"unknown encoder runtime {encoder_runtime!r}; available: {ENCODER_RUNTIMES}")
         device = torch.device(device)
+        if encoder_runtime == "openvino" and device.type != "cpu":
+            raise ValueError(f"encoder runtime 'openvino' runs on the CPU, not on {device}")
         self.lm.to(device=device, dtype=dtype)
         self.connector.to(device=device, dtype=dtype)
-        self.encoder_autocast = place_encoder(self.encoder, device, dtype)
+        self.encoder_runner = None
+        if encoder_runtime == "openvino":
+            from fovea.vision.openvino import OpenVINORunner
+
+            self.encoder_autocast = place_encoder(self.encoder, device, torch.float32)
+            self.encoder_runner = OpenVINORunner(self.encoder, threads=torch.get_num_threads(), dtype=dtype)
+        else:
+            self.encoder_autocast = place_encoder(self.encoder, device, dtype)
         use_backend(self.lm, self.config.lm.attention)  # the best attention backend depends on the device
         return self
 
@@ -146,7 +165,10 @@ class VLM(nn.Module):
         out: list[torch.Tensor | None] = [None] * len(pixels)
         for _, idx in _group_by_shape(pixels).items():
             batch = torch.stack([pixels[i] for i in idx])  # (b,3,H,W)
-            feats = run_encoder(self.encoder, batch, self.encoder_autocast)  # (b,C,h,w)
+            if self.encoder_runner is not None:
+                feats = self.encoder_runner(batch).to(self.device)  # (b,C,h,w)
+            else:
+                feats = run_encoder(self.encoder, batch, self.encoder_autocast)  # (b,C,h,w)
             for j, i in enumerate(idx):
                 out[i] = feats[j]
         return out  # type: ignore[return-value]

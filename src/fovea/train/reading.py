@@ -305,7 +305,11 @@ def train_reading(cfg: ReadingConfig, *, resume: bool = False, progress: bool = 
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "reading.json").write_text(json.dumps(asdict(cfg), indent=2))
-    log = open(out / "log.jsonl", "a")  # noqa: SIM115  (open for the whole run)
+    log_file = out / "log.jsonl"
+    if log_file.is_file():  # steps logged after the checkpoint we resume from are run again: drop their records
+        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= start]
+        log_file.write_text("".join(line + "\n" for line in kept))
+    log = open(log_file, "a")  # noqa: SIM115  (open for the whole run)
     reader.train()
     cpu0 = time.process_time() - result.cpu_seconds
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="reading")
