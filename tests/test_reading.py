@@ -163,3 +163,12 @@ def test_reader_preset_builds_with_the_bundled_encoder():
     key = next(k for k in stored if k.endswith("weight") and stored[k].ndim == 4)
     assert torch.equal(model.encoder.model.state_dict()[key], stored[key].float())
     assert model.num_visual_tokens(1152, 1536) == 64
+
+
+def test_skew_keeps_labels_and_is_bounded():
+    flat = render_text(3, layout="paragraph", height=160, width=384)
+    skewed = render_text(3, layout="paragraph", height=160, width=384, rotate=0.5)
+    assert skewed.runs == flat.runs
+    assert not np.array_equal(np.asarray(skewed.image), np.asarray(flat.image))
+    with pytest.raises(ValueError, match="rotate 5 must be in"):
+        render_text(3, layout="line", height=32, width=384, rotate=5)

@@ -50,6 +50,7 @@ class ReadingConfig:
     sizes: tuple[int, int] = (10, 24)  # font sizes in px: body text of a 2880x2160 page resized to 1536 is ~12-16
     fonts: tuple[str, ...] = ()  # font files to draw with (empty = every DejaVu face on the machine)
     degrade: float = 1.0  # probability scale of scan damage (0 = clean renders)
+    rotate: float = 0.0  # largest skew in degrees (the bundled reader was trained with 0; 0.3-0.5 adds skew)
     subcells: int = 4  # character slots per grid cell read by the head
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 0.01  # AdamW decoupled weight decay
@@ -162,10 +163,10 @@ def draw_batch(cfg: ReadingConfig, seeds: list[int], kind: str) -> list[TextSamp
     if kind == "line":
         h, w = cfg.line_size
         return [render_text(s, layout="line", height=h, width=w, sizes=cfg.sizes, fonts=cfg.fonts or None,
-                            degrade=cfg.degrade) for s in seeds]
+                            degrade=cfg.degrade, rotate=cfg.rotate) for s in seeds]
     h, w = cfg.block_size
     return [render_text(s, layout=_BLOCK_LAYOUTS[s % len(_BLOCK_LAYOUTS)], height=h, width=w, sizes=cfg.sizes,
-                        fonts=cfg.fonts or None, degrade=cfg.degrade) for s in seeds]
+                        fonts=cfg.fonts or None, degrade=cfg.degrade, rotate=cfg.rotate) for s in seeds]
 
 
 class Reader(nn.Module):
@@ -367,6 +368,22 @@ def export_reader(reader: Reader, cfg: ReadingConfig, folder: Path, result: Read
               str(folder / "head.safetensors"), metadata=meta)
     (folder / "reading.json").write_text(json.dumps({**asdict(cfg), "evals": result.evals}, indent=2))
     return folder
+
+
+def export_checkpoint(run: str | Path, dest: str | Path) -> Path:
+    """Export the newest complete checkpoint of the run in ``run`` as a reader folder (what ``final/`` holds), e.g.
+    to ship or evaluate a run that is still going."""
+    run = Path(run)
+    cfg_file = run / "reading.json"
+    ckpt = _latest(run)
+    if ckpt is None or not cfg_file.is_file():
+        raise ValueError(f"{run} has no complete checkpoint and reading.json to export")
+    cfg = ReadingConfig.from_dict(json.loads(cfg_file.read_text()))
+    reader = build_reader(ReadingConfig(**{**asdict(cfg), "init": None}))
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    reader.load_state_dict(state["model"])
+    result = ReadingResult(losses=state["losses"], evals=state["evals"], cpu_seconds=state["cpu_seconds"])
+    return export_reader(reader, cfg, Path(dest), result)
 
 
 def plot_reading_curve(result: ReadingResult, path: Path) -> None:
