@@ -242,3 +242,147 @@ def test_api_key_and_local_files(tmp_path):
             assert client.get("/health").status_code == 200  # health needs no key
     finally:
         engine.stop()
+
+
+# ----- limits and hardening ---------------------------------------------------------------------------------------
+KEY = "k3y"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """A server with a key and small limits: 256 KB bodies, 2 images, 400k pixels per request, 0.5 s body stalls."""
+    from fovea.serve import ServerLimits
+
+    engine = Engine(_model(), EngineConfig(max_batch=4, max_len=512, max_waiting=32))
+    engine.eos_ids = set()  # every answer runs to max_tokens: a long request stays long
+    engine.start()
+    limits = ServerLimits(max_body_mb=0.25, max_images=2, max_request_pixels=400_000, read_timeout_s=0.5)
+    server, thread, url = _serve(create_app(engine, model_name="tiny-fovea", api_key=KEY, limits=limits))
+    yield url, engine
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.stop()
+
+
+def _idle(engine, within: float) -> bool:
+    deadline = time.time() + within
+    while time.time() < deadline:
+        if not engine.running and engine.queue_depth() == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_abandoned_non_streaming_requests_free_their_slots(guarded):
+    """Clients that give up on non-streaming requests (behind the API key) free their slots within a second."""
+    url, engine = guarded
+    body = {"messages": _messages("tell me everything", None), "max_tokens": 440}
+
+    def abandon(_):
+        try:
+            httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH, timeout=0.4)
+        except httpx.TimeoutException:
+            return time.time()
+        return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        left = list(pool.map(abandon, range(4)))
+    assert all(t is not None for t in left), "a 440-token answer finished before its client gave up"
+    assert _idle(engine, within=1.0), f"{len(engine.running)} abandoned requests still hold slots"
+
+
+def test_body_over_the_limit_is_413_without_reading_it(guarded):
+    url, _ = guarded
+    big = b'{"messages": [{"role": "user", "content": "' + b"x" * 2_000_000 + b'"}]}'
+    start = time.time()
+    r = httpx.post(url + "/v1/chat/completions", content=big, headers={**AUTH, "content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413 and "exceeds the limit of 262,144 bytes" in r.json()["error"]["message"]
+    assert time.time() - start < 5
+
+    def chunks():  # no Content-Length: the guard counts while the body streams in
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"y" * 20_000
+        yield b'"}]}'
+
+    r = httpx.post(url + "/v1/chat/completions", content=chunks(), headers={**AUTH, "content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_half_sent_body_gets_408(guarded):
+    url, _ = guarded
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\"")
+        start = time.time()
+        reply = s.recv(4096).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 408") and time.time() - start < 5
+
+
+def test_prompt_beyond_any_fit_is_refused_before_tokenizing(guarded):
+    url, _ = guarded
+    start = time.time()
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=30,
+                   json={"messages": [{"role": "user", "content": "word " * 40_000}]})
+    assert r.status_code == 400 and "cannot fit the limit of 512 tokens" in r.json()["error"]["message"]
+    assert time.time() - start < 2
+
+
+def _flat_png(size) -> bytes:  # compresses to almost nothing: only the pixel limits can refuse it
+    buf = io.BytesIO()
+    Image.new("RGB", size, "white").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_images_and_pixels_per_request_are_bounded(guarded):
+    url, _ = guarded
+    part = {"type": "image_url", "image_url": {"url": _data_uri(_flat_png((200, 150)))}}
+    three = {"messages": [{"role": "user", "content": [part, part, part, {"type": "text", "text": "hi"}]}]}
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json=three, timeout=30)
+    assert r.status_code == 400 and "3 images; the limit is 2" in r.json()["error"]["message"]
+    wide = {"type": "image_url", "image_url": {"url": _data_uri(_flat_png((580, 580)))}}  # 336,400 px each
+    two = {"messages": [{"role": "user", "content": [wide, wide, {"type": "text", "text": "hi"}]}]}
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json=two, timeout=30)
+    assert r.status_code == 400 and "limit is 400,000 per request" in r.json()["error"]["message"]
+
+
+def test_errors_are_openai_shaped_short_and_name_the_field(guarded):
+    url, _ = guarded
+    huge = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "9" * 100_000}
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json=huge, timeout=30)
+    assert r.status_code == 400 and len(r.content) < 1000 and "100,002 characters" in r.json()["error"]["message"]
+    nested = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(url + "/v1/chat/completions", content=nested, timeout=30,
+                   headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()) == {"error"}
+    seed = {"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json=seed, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("seed")
+    nul = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\x00b"}]}]}
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json=nul, timeout=30)
+    assert r.status_code == 400 and "messages[0].content[0].text contains a NUL" in r.json()["error"]["message"]
+
+
+def test_every_revealing_route_needs_the_key(guarded):
+    url, _ = guarded
+    for path in ("/metrics", "/v1/models"):
+        assert httpx.get(url + path).status_code == 401
+        assert httpx.get(url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url + path, headers=AUTH).status_code == 200
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(url + path, headers=AUTH).status_code == 404
+    assert httpx.get(url + "/health").json() == {"status": "ok"}  # liveness without the key, nothing more
+    assert "waiting" in httpx.get(url + "/health", headers=AUTH).json()
+
+
+def test_empty_key_is_refused_and_metrics_can_be_public():
+    engine = Engine(_model(), EngineConfig(max_batch=1, max_len=256))
+    with pytest.raises(ValueError, match="API key is empty"):
+        create_app(engine, api_key="")
+    with TestClient(create_app(engine, api_key="k", public_metrics=True)) as client:
+        assert client.get("/metrics").status_code == 200
+        assert client.get("/v1/models").status_code == 401

@@ -87,14 +87,21 @@ def cmd_serve(model: str | None, host: str, port: int, args: argparse.Namespace)
 
     from fovea.engine import Engine, EngineConfig
     from fovea.loading import load_vlm
-    from fovea.serve import create_app
+    from fovea.serve import ServerLimits, create_app
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty: pass a non-empty key, or leave the flag out to serve without auth")
+    limits = ServerLimits(max_body_mb=args.max_body_mb, max_images=args.max_images,
+                          max_request_pixels=args.max_request_pixels, max_prompt_tokens=args.max_prompt_tokens,
+                          read_timeout_s=args.read_timeout)
+    limits.validate()
     vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, flush=True), device=args.device,
                    dtype=args.dtype, threads=args.threads, encoder_runtime=args.encoder_runtime)
     engine = Engine(vlm, EngineConfig(max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
                                       encoder_cache=args.encoder_cache, prefix_cache=args.prefix_cache))
     engine.start()
-    app = create_app(engine, model_name=args.name, api_key=args.api_key, local_image_dir=args.allow_local_dir)
+    app = create_app(engine, model_name=args.name, api_key=args.api_key, local_image_dir=args.allow_local_dir,
+                     limits=limits, public_metrics=args.public_metrics)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}, beyond this machine", file=sys.stderr)
     try:
@@ -319,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-cache", type=int, default=32, help="images whose visual tokens are kept (0: off)")
     p.add_argument("--prefix-cache", type=int, default=8192,
                    help="prompt positions whose keys/values are kept for prompts that begin the same way (0: off)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="larger request bodies get 413 unread")
+    p.add_argument("--max-images", type=int, default=8, help="image parts per request")
+    p.add_argument("--max-request-pixels", type=int, default=64_000_000, help="decoded pixels per request")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="prompt tokens per request (default: --max-len); longer text is refused before tokenizing")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request body may stall (408)")
+    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
     p.set_defaults(run=lambda a: cmd_serve(a.model, a.host, a.port, a))
 
     p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)

@@ -10,22 +10,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import queue
-import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fovea.engine import Engine, QueueFull, SamplingParams
 from fovea.preprocess import load_image
+from fovea.serve.limits import CHARS_PER_TOKEN_BOUND, BodyLimits, ServerLimits, error_body, short
 from fovea.serve.metrics import ServerMetrics
 
 
@@ -59,7 +62,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
@@ -67,10 +70,7 @@ class ChatRequest(BaseModel):
 
 
 def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            413: "invalid_request_error", 429: "rate_limit_error", 503: "server_overloaded"}.get(status, "api_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
-                        headers=headers)
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 def decode_image(url: str, where: str, local_dir: Path | None, max_pixels: int):
@@ -100,13 +100,42 @@ def decode_image(url: str, where: str, local_dir: Path | None, max_pixels: int):
         raise ApiError(400, f"{where}: {err}", where) from None
 
 
-def to_engine_input(req: ChatRequest, local_dir: Path | None, max_pixels: int) -> tuple[list[dict], list]:
+def _check_text(text: str, where: str) -> str:
+    if "\x00" in text:
+        raise ApiError(400, f"{where} contains a NUL character", where)
+    return text
+
+
+def _image_parts(req: ChatRequest) -> int:
+    return sum(1 for m in req.messages if isinstance(m.content, list)
+               for p in m.content if isinstance(p, dict) and p.get("type") == "image_url")
+
+
+def check_request(req: ChatRequest, limits: ServerLimits, max_prompt_tokens: int) -> None:
+    """The cheap bounds, before any image is decoded or any text tokenized: image parts per request and a character
+    bound on the prompt (more characters than ``CHARS_PER_TOKEN_BOUND`` per allowed token cannot fit)."""
+    images = _image_parts(req)
+    if images > limits.max_images:
+        raise ApiError(400, f"request has {images} images; the limit is {limits.max_images} (--max-images)",
+                       "messages")
+    chars = sum(len(m.content) if isinstance(m.content, str) else
+                sum(len(p.get("text") or "") for p in m.content if isinstance(p, dict)
+                    and isinstance(p.get("text"), str)) for m in req.messages)
+    bound = max_prompt_tokens * CHARS_PER_TOKEN_BOUND
+    if chars > bound:
+        raise ApiError(400, f"prompt text of {chars:,} characters cannot fit the limit of {max_prompt_tokens:,} "
+                       f"tokens (at most {bound:,} characters; --max-prompt-tokens)", "messages")
+
+
+def to_engine_input(req: ChatRequest, local_dir: Path | None, max_pixels: int,
+                    max_request_pixels: int | None = None) -> tuple[list[dict], list]:
     messages, images = [], []
+    total_pixels = 0
     for i, message in enumerate(req.messages):
         if isinstance(message.content, str):
             if not message.content.strip() and message.role == "user":
                 raise ApiError(400, f"messages[{i}].content is empty", f"messages[{i}].content")
-            messages.append({"role": message.role, "content": message.content})
+            messages.append({"role": message.role, "content": _check_text(message.content, f"messages[{i}].content")})
             continue
         parts = []
         if not message.content:
@@ -117,158 +146,227 @@ def to_engine_input(req: ChatRequest, local_dir: Path | None, max_pixels: int) -
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise ApiError(400, f"{where}: a text part needs a 'text' string", where)
-                parts.append({"type": "text", "text": part["text"]})
+                parts.append({"type": "text", "text": _check_text(part["text"], f"{where}.text")})
             elif kind == "image_url":
                 value = part.get("image_url")
                 url = value.get("url") if isinstance(value, dict) else value
                 if not isinstance(url, str) or not url:
                     raise ApiError(400, f"{where}: an image_url part needs image_url.url", where)
-                images.append(decode_image(url, where, local_dir, max_pixels))
+                image = decode_image(url, where, local_dir, max_pixels)
+                total_pixels += image.width * image.height
+                if max_request_pixels is not None and total_pixels > max_request_pixels:
+                    raise ApiError(400, f"{where}: the request's images reach {total_pixels:,} pixels; the limit is "
+                                   f"{max_request_pixels:,} per request (--max-request-pixels)", where)
+                images.append(image)
                 parts.append({"type": "image"})
             else:
-                raise ApiError(400, f"{where}: unsupported part type {kind!r}; use 'text' or 'image_url'", where)
+                raise ApiError(400, f"{where}: unsupported part type {short(kind)}; use 'text' or 'image_url'", where)
         messages.append({"role": message.role, "content": parts})
     return messages, images
 
 
-def create_app(engine: Engine, *, model_name: str = "fovea", api_key: str | None = None,
-               local_image_dir: str | None = None, retry_after_s: int = 1) -> FastAPI:
-    """The FastAPI app over a started (or to-be-started) ``engine``."""
-    app = FastAPI(title="fovea", version="0.1.0")
-    metrics = ServerMetrics()
-    local_dir = Path(local_image_dir).resolve() if local_image_dir else None
-    max_pixels = engine.model.config.preprocess.max_pixels
-    admission = threading.Lock()  # preprocessing and the encoder cache are used by one request at a time
-    created = int(time.time())
-    app.state.engine, app.state.metrics = engine, metrics
+@dataclass
+class ServerState:
+    """What the handlers read from ``app.state.fovea``."""
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, err: ApiError):
-        return _error(err.status, err.message, err.param, err.headers)
+    engine: Engine  # the running engine
+    metrics: ServerMetrics  # counters behind /metrics
+    model_name: str  # the id /v1/models reports and requests must name (or omit)
+    api_key: str | None  # required as 'Authorization: Bearer <key>' when set
+    local_dir: Path | None  # image_url file paths are read only under this directory
+    limits: ServerLimits  # per-request bounds
+    max_prompt_tokens: int  # the prompt bound in tokens (limits, else the engine's context)
+    public_metrics: bool  # /metrics without the key
+    retry_after_s: int  # Retry-After on 429
+    created: int  # /v1/models' timestamp
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, err: RequestValidationError):
-        problems = []
-        for e in err.errors():
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            if e.get("type") == "json_invalid":
-                return _error(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}")
-            if e.get("type") == "extra_forbidden":
-                problems.append(f"unknown parameter {loc!r}")
-            else:
-                problems.append(f"{loc}: {e.get('msg')} (got {e.get('input')!r})" if loc else e.get("msg"))
-        return _error(400, "; ".join(problems) or "invalid request")
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
-        return await call_next(request)
+def _state(request: Request) -> ServerState:
+    return request.app.state.fovea
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "running": len(engine.running), "waiting": engine.queue_depth()}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "fovea"}]}
+def require_key(request: Request) -> None:
+    """The auth dependency: with a key set, the request must carry it (compared in constant time)."""
+    key = _state(request).api_key
+    if key is None:
+        return
+    sent = request.headers.get("authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+        raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
 
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, raw: Request):
-        if body.model not in (None, model_name):
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_name!r}",
-                           "model")
-        try:
-            params = SamplingParams(max_tokens=body.max_completion_tokens or body.max_tokens or 256,
-                                    temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                    stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-                                    seed=body.seed)
-        except ValueError as err:
-            raise ApiError(400, str(err)) from None
+def metrics_auth(request: Request) -> None:
+    if not _state(request).public_metrics:
+        require_key(request)
 
-        def admit():
-            messages, images = to_engine_input(body, local_dir, max_pixels)
-            with admission:
-                return engine.add_request(messages, images, params, request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}")
 
-        try:
-            request = await run_in_threadpool(admit)
-        except QueueFull as err:
-            metrics.rejected += 1
-            raise ApiError(429, f"server busy: {err}", headers={"Retry-After": str(retry_after_s)}) from None
-        except ValueError as err:
-            raise ApiError(400, str(err)) from None
-        if body.stream:
-            return StreamingResponse(_sse(request, body, raw), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        text, reason, m = "", None, None
-        try:
-            async for event in _events(request, raw):
-                text += event.text
-                if event.finished:
-                    reason, m = event.finish_reason, event.metrics
-        finally:
-            if not request.done:
-                engine.abort(request)
-        metrics.observe(m)
-        return {
-            "id": request.id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": _reason(reason)}],
-            "usage": _usage(m), "fovea_metrics": m.to_dict() if m else None,
-        }
+router = APIRouter()
 
-    async def _events(request, raw: Request):
-        """The request's engine events, polled without blocking the event loop; stops if the client leaves."""
-        checked = time.monotonic()
-        while True:
-            try:
-                event = request.events.get_nowait()
-            except queue.Empty:
-                if time.monotonic() - checked > 0.25:
-                    checked = time.monotonic()
-                    if await raw.is_disconnected():
-                        engine.abort(request)
-                        return
-                await asyncio.sleep(0.003)
-                continue
-            yield event
+
+@router.get("/health")
+async def health(request: Request):
+    """Liveness for load balancers, without a key; the queue figures only to callers with the key."""
+    state = _state(request)
+    try:
+        require_key(request)
+    except ApiError:
+        return {"status": "ok"}
+    return {"status": "ok", "running": len(state.engine.running), "waiting": state.engine.queue_depth()}
+
+
+@router.get("/v1/models", dependencies=[Depends(require_key)])
+async def models(request: Request):
+    state = _state(request)
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                        "owned_by": "fovea"}]}
+
+
+@router.get("/metrics", dependencies=[Depends(metrics_auth)])
+async def prometheus(request: Request):
+    state = _state(request)
+    return PlainTextResponse(state.metrics.render(state.engine), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+async def chat(body: ChatRequest, raw: Request):
+    state = _state(raw)
+    engine = state.engine
+    if body.model not in (None, state.model_name):
+        raise ApiError(404, f"model {short(body.model)} is not served here; this server serves "
+                       f"{state.model_name!r}", "model")
+    check_request(body, state.limits, state.max_prompt_tokens)
+    try:
+        params = SamplingParams(max_tokens=body.max_completion_tokens or body.max_tokens or 256,
+                                temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+                                seed=body.seed)
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+
+    def admit():  # in a worker thread: decoding, preprocessing and encoding never block the event loop
+        messages, images = to_engine_input(body, state.local_dir, engine.model.config.preprocess.max_pixels,
+                                           state.limits.max_request_pixels)
+        return engine.add_request(messages, images, params, request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}")
+
+    try:
+        request = await run_in_threadpool(admit)
+    except QueueFull as err:
+        state.metrics.rejected += 1
+        raise ApiError(429, f"server busy: {err}", headers={"Retry-After": str(state.retry_after_s)}) from None
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+    if body.stream:
+        return StreamingResponse(_sse(state, request, body, raw), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    text, reason, m = "", None, None
+    try:
+        async for event in _events(engine, request, raw):
+            text += event.text
             if event.finished:
-                return
+                reason, m = event.finish_reason, event.metrics
+    finally:
+        if not request.done:
+            engine.abort(request)
+    state.metrics.observe(m)
+    return {
+        "id": request.id, "object": "chat.completion", "created": int(time.time()), "model": state.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": _reason(reason)}],
+        "usage": _usage(m), "fovea_metrics": m.to_dict() if m else None,
+    }
 
-    async def _sse(request, body: ChatRequest, raw: Request):
-        created_at = int(time.time())
 
-        def chunk(delta: dict, reason: str | None = None, usage: dict | None = None) -> str:
-            payload = {"id": request.id, "object": "chat.completion.chunk", "created": created_at,
-                       "model": model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-            if usage is not None:
-                payload["usage"] = usage
-            return f"data: {json.dumps(payload)}\n\n"
-
+async def _events(engine: Engine, request, raw: Request):
+    """The request's engine events, polled without blocking the event loop; stops if the client leaves."""
+    checked = time.monotonic()
+    while True:
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            async for event in _events(request, raw):
-                if event.text:
-                    yield chunk({"content": event.text})
-                if event.finished:
-                    metrics.observe(event.metrics)
-                    yield chunk({}, _reason(event.finish_reason))
-                    if body.stream_options and body.stream_options.include_usage:
-                        usage = {"id": request.id, "object": "chat.completion.chunk", "created": created_at,
-                                 "model": model_name, "choices": [], "usage": _usage(event.metrics)}
-                        yield f"data: {json.dumps(usage)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:  # the client went away mid-stream: free its slot
-            if not request.done:
-                engine.abort(request)
+            event = request.events.get_nowait()
+        except queue.Empty:
+            if time.monotonic() - checked > 0.25:
+                checked = time.monotonic()
+                if await raw.is_disconnected():
+                    engine.abort(request)
+                    return
+            await asyncio.sleep(0.003)
+            continue
+        yield event
+        if event.finished:
+            return
 
+
+async def _sse(state: ServerState, request, body: ChatRequest, raw: Request):
+    created_at = int(time.time())
+
+    def chunk(delta: dict, reason: str | None = None, usage: dict | None = None) -> str:
+        payload = {"id": request.id, "object": "chat.completion.chunk", "created": created_at,
+                   "model": state.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+        if usage is not None:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in _events(state.engine, request, raw):
+            if event.text:
+                yield chunk({"content": event.text})
+            if event.finished:
+                state.metrics.observe(event.metrics)
+                yield chunk({}, _reason(event.finish_reason))
+                if body.stream_options and body.stream_options.include_usage:
+                    usage = {"id": request.id, "object": "chat.completion.chunk", "created": created_at,
+                             "model": state.model_name, "choices": [], "usage": _usage(event.metrics)}
+                    yield f"data: {json.dumps(usage)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away mid-stream: free its slot
+        if not request.done:
+            state.engine.abort(request)
+
+
+async def _api_error(_: Request, err: ApiError):
+    return _error(err.status, err.message, err.param, err.headers)
+
+
+async def _invalid(_: Request, err: RequestValidationError):
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        if e.get("type") == "json_invalid":
+            return _error(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}")
+        if e.get("type") == "extra_forbidden":
+            problems.append(f"unknown parameter {short(loc)}")
+        else:
+            problems.append(f"{loc}: {e.get('msg')} (got {short(e.get('input'))})" if loc else e.get("msg"))
+    return _error(400, "; ".join(problems) or "invalid request")
+
+
+async def _http_error(_: Request, err: StarletteHTTPException):
+    # FastAPI's own errors (an unparseable body such as deeply nested JSON, an unknown route) in OpenAI's shape
+    return _error(err.status_code, str(err.detail), headers=getattr(err, "headers", None))
+
+
+def create_app(engine: Engine, *, model_name: str = "fovea", api_key: str | None = None,
+               local_image_dir: str | None = None, retry_after_s: int = 1, limits: ServerLimits | None = None,
+               public_metrics: bool = False) -> FastAPI:
+    """The FastAPI app over a started (or to-be-started) ``engine``. With ``api_key`` every route that reveals
+    anything needs it (``/metrics`` too unless ``public_metrics``) and the interactive docs are off."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: pass a non-empty --api-key, or none to serve without auth")
+    limits = limits or ServerLimits()
+    limits.validate()
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="fovea", version="0.1.0", **docs)
+    app.state.fovea = ServerState(
+        engine=engine, metrics=ServerMetrics(), model_name=model_name, api_key=api_key,
+        local_dir=Path(local_image_dir).resolve() if local_image_dir else None, limits=limits,
+        max_prompt_tokens=min(limits.max_prompt_tokens or engine.config.max_len, engine.config.max_len),
+        public_metrics=public_metrics, retry_after_s=retry_after_s, created=int(time.time()))
+    app.state.engine, app.state.metrics = engine, app.state.fovea.metrics
+    app.include_router(router)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(BodyLimits, limits=limits)
     return app
 
 
