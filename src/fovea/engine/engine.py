@@ -153,8 +153,10 @@ class Engine:
     # ----- admission: preprocess, encode (cached), compress, embed -----------------------------------------
     @torch.inference_mode()
     def add_request(self, messages: Sequence[dict], images: Sequence[Any] = (), params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Request:
-        """Validate and prepare a request and queue it; raises ValueError on bad input, QueueFull when full."""
+                    request_id: str | None = None, events: Any = None) -> Request:
+        """Validate and prepare a request and queue it; raises ValueError on bad input, QueueFull when full.
+        ``events``: where the engine thread puts the request's events (anything with ``put``; default a
+        ``queue.Queue``), e.g. a sink that hands them to an asyncio loop."""
         params = params or SamplingParams()
         params.validate()
         with self.lock:
@@ -176,7 +178,8 @@ class Engine:
         embeds = self.model.embed(prompt.input_ids.to(self.model.device), visual)  # (L,D)
         keys = position_keys(prompt.input_ids, self.model.image_token_id, image_keys, prompt.num_visual_tokens)
         request = Request(id=request_id or f"req-{next(self.counter)}", prompt_embeds=embeds, prompt_keys=keys,
-                          params=params, metrics=metrics, submitted=submitted)
+                          params=params, metrics=metrics, submitted=submitted,
+                          events=events if events is not None else queue.Queue())
         if params.seed is not None:
             request.generator = torch.Generator().manual_seed(params.seed)
         with self.wakeup:

@@ -12,7 +12,6 @@ import base64
 import binascii
 import hmac
 import json
-import queue
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fovea.engine import Engine, QueueFull, SamplingParams
 from fovea.preprocess import load_image
 from fovea.serve.limits import CHARS_PER_TOKEN_BOUND, BodyLimits, ServerLimits, error_body, short
-from fovea.serve.metrics import ServerMetrics
+from fovea.serve.metrics import CONTENT_TYPE, ServerMetrics
 
 
 class ApiError(Exception):
@@ -224,7 +223,7 @@ async def models(request: Request):
 @router.get("/metrics", dependencies=[Depends(metrics_auth)])
 async def prometheus(request: Request):
     state = _state(request)
-    return PlainTextResponse(state.metrics.render(state.engine), media_type="text/plain; version=0.0.4")
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(require_key)])
@@ -243,24 +242,27 @@ async def chat(body: ChatRequest, raw: Request):
     except ValueError as err:
         raise ApiError(400, str(err)) from None
 
+    sink = _AsyncSink(asyncio.get_running_loop())
+
     def admit():  # in a worker thread: decoding, preprocessing and encoding never block the event loop
         messages, images = to_engine_input(body, state.local_dir, engine.model.config.preprocess.max_pixels,
                                            state.limits.max_request_pixels)
-        return engine.add_request(messages, images, params, request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}")
+        return engine.add_request(messages, images, params, request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                                  events=sink)
 
     try:
         request = await run_in_threadpool(admit)
     except QueueFull as err:
-        state.metrics.rejected += 1
+        state.metrics.rejected.inc()
         raise ApiError(429, f"server busy: {err}", headers={"Retry-After": str(state.retry_after_s)}) from None
     except ValueError as err:
         raise ApiError(400, str(err)) from None
     if body.stream:
-        return StreamingResponse(_sse(state, request, body, raw), media_type="text/event-stream",
+        return StreamingResponse(_sse(state, request, sink, body, raw), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     text, reason, m = "", None, None
     try:
-        async for event in _events(engine, request, raw):
+        async for event in _events(engine, request, sink, raw):
             text += event.text
             if event.finished:
                 reason, m = event.finish_reason, event.metrics
@@ -276,26 +278,40 @@ async def chat(body: ChatRequest, raw: Request):
     }
 
 
-async def _events(engine: Engine, request, raw: Request):
-    """The request's engine events, polled without blocking the event loop; stops if the client leaves."""
+class _AsyncSink:
+    """The bridge from the engine thread to the event loop: the engine ``put``s events, the handler awaits them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, event) -> None:  # called on the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+DISCONNECT_CHECK_S = 0.25  # how often a waiting handler asks whether its client is still there
+
+
+async def _events(engine: Engine, request, sink: _AsyncSink, raw: Request):
+    """The request's engine events as they come; stops (and frees the slot) if the client leaves."""
     checked = time.monotonic()
     while True:
         try:
-            event = request.events.get_nowait()
-        except queue.Empty:
-            if time.monotonic() - checked > 0.25:
-                checked = time.monotonic()
-                if await raw.is_disconnected():
-                    engine.abort(request)
-                    return
-            await asyncio.sleep(0.003)
+            event = await asyncio.wait_for(sink.queue.get(), timeout=DISCONNECT_CHECK_S)
+        except TimeoutError:
+            event = None
+        if time.monotonic() - checked > DISCONNECT_CHECK_S:
+            checked = time.monotonic()
+            if await raw.is_disconnected():
+                engine.abort(request)
+                return
+        if event is None:
             continue
         yield event
         if event.finished:
             return
 
 
-async def _sse(state: ServerState, request, body: ChatRequest, raw: Request):
+async def _sse(state: ServerState, request, sink: _AsyncSink, body: ChatRequest, raw: Request):
     created_at = int(time.time())
 
     def chunk(delta: dict, reason: str | None = None, usage: dict | None = None) -> str:
@@ -307,7 +323,7 @@ async def _sse(state: ServerState, request, body: ChatRequest, raw: Request):
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for event in _events(state.engine, request, raw):
+        async for event in _events(state.engine, request, sink, raw):
             if event.text:
                 yield chunk({"content": event.text})
             if event.finished:
@@ -357,7 +373,7 @@ def create_app(engine: Engine, *, model_name: str = "fovea", api_key: str | None
     docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="fovea", version="0.1.0", **docs)
     app.state.fovea = ServerState(
-        engine=engine, metrics=ServerMetrics(), model_name=model_name, api_key=api_key,
+        engine=engine, metrics=ServerMetrics(engine), model_name=model_name, api_key=api_key,
         local_dir=Path(local_image_dir).resolve() if local_image_dir else None, limits=limits,
         max_prompt_tokens=min(limits.max_prompt_tokens or engine.config.max_len, engine.config.max_len),
         public_metrics=public_metrics, retry_after_s=retry_after_s, created=int(time.time()))

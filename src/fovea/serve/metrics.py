@@ -1,75 +1,62 @@
-"""Prometheus text exposition for the server: queue depth, TTFT histogram, tokens per second."""
+"""Prometheus metrics for the server (``prometheus_client``, one registry per app): queue depth, cache sizes, token
+counters, a TTFT histogram and decode speed."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
 TTFT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _EngineGauges:
+    """Read at scrape time from the engine: what is queued, running and cached right now."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self):
+        e = self.engine
+        for name, doc, value in (
+            ("fovea_queue_depth", "Requests waiting for a slot.", e.queue_depth()),
+            ("fovea_running_requests", "Requests holding a KV cache slot.", len(e.running)),
+            ("fovea_encoder_cache_images", "Images whose visual tokens the encoder cache holds.",
+             len(e.encoder_cache)),
+            ("fovea_prefix_cache_positions", "Prompt positions whose keys/values the prefix cache holds.",
+             e.prefix_cache.held if e.prefix_cache is not None else 0),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests = 0  # finished requests
-        self.rejected = 0  # refused with 429 (queue full)
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.visual_tokens = 0
-        self.cached_tokens = 0
-        self.ttft_counts = [0] * len(TTFT_BUCKETS_S)
-        self.ttft_sum = 0.0
-        self.decode_tps_sum = 0.0
+    def __init__(self, engine: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.registry.register(_EngineGauges(engine))
+        self.requests = Counter("fovea_requests", "Finished requests.", registry=r)
+        self.rejected = Counter("fovea_rejected", "Requests refused because the queue was full.", registry=r)
+        self.prompt_tokens = Counter("fovea_prompt_tokens", "Prompt tokens read.", registry=r)
+        self.visual_tokens = Counter("fovea_visual_tokens", "Visual tokens read.", registry=r)
+        self.cached_tokens = Counter("fovea_cached_prompt_tokens",
+                                     "Prompt tokens copied from the prefix cache, not prefilled.", registry=r)
+        self.completion_tokens = Counter("fovea_completion_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram("fovea_ttft_seconds", "Time to first token.", buckets=TTFT_BUCKETS_S, registry=r)
+        self.decode = Histogram("fovea_decode_tokens_per_second", "Decode speed per finished request.",
+                                buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
 
     def observe(self, m: Any) -> None:
         if m is None:
             return
-        with self.lock:
-            self.requests += 1
-            self.prompt_tokens += m.prompt_tokens
-            self.completion_tokens += m.completion_tokens
-            self.visual_tokens += m.visual_tokens
-            self.cached_tokens += m.cached_tokens
-            ttft = m.ttft_ms / 1e3
-            self.ttft_sum += ttft
-            for i, bound in enumerate(TTFT_BUCKETS_S):
-                if ttft <= bound:
-                    self.ttft_counts[i] += 1
-            self.decode_tps_sum += m.decode_tokens_per_s
+        self.requests.inc()
+        self.prompt_tokens.inc(m.prompt_tokens)
+        self.visual_tokens.inc(m.visual_tokens)
+        self.cached_tokens.inc(m.cached_tokens)
+        self.completion_tokens.inc(m.completion_tokens)
+        self.ttft.observe(m.ttft_ms / 1e3)
+        self.decode.observe(m.decode_tokens_per_s)
 
-    def render(self, engine: Any) -> str:
-        with self.lock:
-            lines = [
-                "# HELP fovea_queue_depth Requests waiting for a slot.", "# TYPE fovea_queue_depth gauge",
-                f"fovea_queue_depth {engine.queue_depth()}",
-                "# HELP fovea_running_requests Requests holding a KV cache slot.",
-                "# TYPE fovea_running_requests gauge", f"fovea_running_requests {len(engine.running)}",
-                "# HELP fovea_encoder_cache_images Images whose visual tokens the encoder cache holds.",
-                "# TYPE fovea_encoder_cache_images gauge", f"fovea_encoder_cache_images {len(engine.encoder_cache)}",
-                "# HELP fovea_prefix_cache_positions Prompt positions whose keys/values the prefix cache holds.",
-                "# TYPE fovea_prefix_cache_positions gauge",
-                f"fovea_prefix_cache_positions {engine.prefix_cache.held if engine.prefix_cache is not None else 0}",
-                "# HELP fovea_requests_total Finished requests.", "# TYPE fovea_requests_total counter",
-                f"fovea_requests_total {self.requests}",
-                "# HELP fovea_rejected_total Requests refused because the queue was full.",
-                "# TYPE fovea_rejected_total counter", f"fovea_rejected_total {self.rejected}",
-                "# HELP fovea_prompt_tokens_total Prompt tokens read.", "# TYPE fovea_prompt_tokens_total counter",
-                f"fovea_prompt_tokens_total {self.prompt_tokens}",
-                "# HELP fovea_visual_tokens_total Visual tokens read.", "# TYPE fovea_visual_tokens_total counter",
-                f"fovea_visual_tokens_total {self.visual_tokens}",
-                "# HELP fovea_cached_prompt_tokens_total Prompt tokens copied from the prefix cache, not prefilled.",
-                "# TYPE fovea_cached_prompt_tokens_total counter",
-                f"fovea_cached_prompt_tokens_total {self.cached_tokens}",
-                "# HELP fovea_completion_tokens_total Tokens generated.",
-                "# TYPE fovea_completion_tokens_total counter",
-                f"fovea_completion_tokens_total {self.completion_tokens}",
-                "# HELP fovea_ttft_seconds Time to first token.", "# TYPE fovea_ttft_seconds histogram",
-            ]
-            for bound, count in zip(TTFT_BUCKETS_S, self.ttft_counts, strict=True):
-                lines.append(f'fovea_ttft_seconds_bucket{{le="{bound}"}} {count}')
-            lines += [f'fovea_ttft_seconds_bucket{{le="+Inf"}} {self.requests}',
-                      f"fovea_ttft_seconds_sum {self.ttft_sum:.6f}", f"fovea_ttft_seconds_count {self.requests}",
-                      "# HELP fovea_decode_tokens_per_second Mean decode speed per finished request.",
-                      "# TYPE fovea_decode_tokens_per_second gauge",
-                      f"fovea_decode_tokens_per_second {self.decode_tps_sum / max(self.requests, 1):.3f}"]
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
