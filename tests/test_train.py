@@ -85,6 +85,29 @@ def test_bad_records_are_named_and_skipped_or_stop(setup, tmp_path):
     assert len(reports) == 4 and all("fovea: skipping record" in r for r in reports)
 
 
+@pytest.mark.parametrize(("record", "reason"), [
+    ({"conversations": "hi"}, "conversations must be a list of turns, got str"),
+    ({"conversations": ["hi"]}, r"conversations\[0\] must be an object"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}]},
+     r"conversations\[1\].value must be a string, got null"),
+    ({"image": 5, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     "image must be a path or a list of paths, got int"),
+    ({"messages": [{"role": "user", "content": 3}]}, r"messages\[0\].content must be a string, got int"),
+    ({"messages": "x"}, "messages must be a list, got str"),
+])
+def test_structurally_bad_records_are_named_and_skippable(setup, tmp_path, record, reason):
+    good = json.loads((setup / "data" / "data.json").read_text())[:1]
+    good[0]["image"] = str(setup / "data" / good[0]["image"])
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(good + [{"id": "broken", **record}, 7]))
+    processor = _model(setup).processor()
+    with pytest.raises(DataError, match=f"record 'broken': {reason}"):
+        load_dataset(path, processor, on_bad="stop")
+    data = load_dataset(path, processor, on_bad="skip", report=lambda s: None)
+    assert len(data.samples) == 1 and [i for i, _ in data.skipped] == ["broken", 2]
+    assert "is not an object, got int" in data.skipped[1][1]
+
+
 def test_packed_and_unpacked_training_give_the_same_loss_and_gradients(setup):
     model = _model(setup)
     model.set_trainable(vision=False, connector=True, lm=True)
@@ -148,6 +171,8 @@ def test_resume_equals_uninterrupted_and_interrupted_saves_are_ignored(setup, tm
 
     resumed = train(cfg, resume=True, progress=False)
     assert len(resumed.losses) == 6
+    steps = [json.loads(line)["step"] for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # one line per step, after two resumes that re-ran steps
     assert resumed.losses == pytest.approx(full.losses, abs=1e-6)
     a, b = VLM.from_pretrained(full.final), VLM.from_pretrained(resumed.final)
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):

@@ -34,6 +34,48 @@ class Record:
     id: Any  # the record's id, for messages
     messages: list[dict]  # OpenAI-style: role user/assistant/system, content text with <image> placeholders
     images: list[str] = field(default_factory=list)  # image paths, resolved against the data file's folder
+    problem: str | None = None  # what is structurally wrong with the record (reported when it is encoded)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _paths(value: Any, key: str) -> tuple[list[str], str | None]:
+    if value is None:
+        return [], None
+    if isinstance(value, str):
+        return [value], None
+    if isinstance(value, list) and all(isinstance(p, str) for p in value):
+        return list(value), None
+    return [], f"{key} must be a path or a list of paths, got {_kind(value)}"
+
+
+def _structure(item: dict) -> tuple[list[dict], list[str], str | None]:
+    """Messages, image paths and the first structural problem of one record (None when it is well formed)."""
+    if "conversations" in item:
+        images, problem = _paths(item.get("image"), "image")
+        turns = item["conversations"]
+        if not isinstance(turns, list):
+            return [], images, f"conversations must be a list of turns, got {_kind(turns)}"
+        messages = []
+        for j, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                return [], images, f"conversations[{j}] must be an object with 'from' and 'value', got {_kind(turn)}"
+            if not isinstance(turn.get("value"), str):
+                return [], images, f"conversations[{j}].value must be a string, got {_kind(turn.get('value'))}"
+            messages.append({"role": _ROLES.get(turn.get("from"), str(turn.get("from"))), "content": turn["value"]})
+        return messages, images, problem
+    images, problem = _paths(item.get("images"), "images")
+    messages = item.get("messages")
+    if not isinstance(messages, list):
+        return [], images, f"messages must be a list, got {_kind(messages)}"
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return [], images, f"messages[{j}] must be an object with 'role' and 'content', got {_kind(m)}"
+        if not isinstance(m.get("content"), str):
+            return [], images, f"messages[{j}].content must be a string, got {_kind(m.get('content'))}"
+    return list(messages), images, problem
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -52,23 +94,19 @@ def read_records(path: str | Path) -> list[Record]:
     records = []
     for i, item in enumerate(raw):
         rid = item.get("id", i) if isinstance(item, dict) else i
-        if not isinstance(item, dict):
-            records.append(Record(id=rid, messages=[], images=[]))  # reported when encoded
+        if not isinstance(item, dict):  # reported (or skipped) when encoded, like every other bad record
+            records.append(Record(id=rid, messages=[], problem=f"is not an object, got {_kind(item)}"))
             continue
-        if "conversations" in item:
-            images = item.get("image") or []
-            images = [images] if isinstance(images, str) else list(images)
-            messages = [{"role": _ROLES.get(turn.get("from"), str(turn.get("from"))),
-                         "content": str(turn.get("value", ""))} for turn in item["conversations"]]
-        else:
-            images, messages = list(item.get("images") or []), list(item.get("messages") or [])
-        records.append(Record(id=rid, messages=messages, images=[str(root / p) for p in images]))
+        messages, images, problem = _structure(item)
+        records.append(Record(id=rid, messages=messages, images=[str(root / p) for p in images], problem=problem))
     return records
 
 
 def encode_record(record: Record, processor: Any) -> Sample:
     """Tokenise a conversation with the model's chat template and processor: images preprocessed, placeholders
     expanded, labels on assistant turns only (IGNORE_INDEX elsewhere)."""
+    if record.problem:
+        raise DataError(record.id, record.problem)
     messages = record.messages
     if not messages or not any(m.get("role") == "assistant" and str(m.get("content", "")).strip() for m in messages):
         raise DataError(record.id, "the conversation has no answer (no non-empty assistant turn)")

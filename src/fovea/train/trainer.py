@@ -396,6 +396,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", file=sys.stderr)
+    if main_process and (out / "log.jsonl").is_file():  # steps after the restored checkpoint run again: drop them
+        lines = (out / "log.jsonl").read_text().splitlines()
+        (out / "log.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x).get("step", 0) <= start))
     log = open(out / "log.jsonl", "a") if main_process else None
     per_rank = cfg.batch_size // world
     try:
