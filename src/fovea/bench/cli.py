@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def cmd_bench_packing(lm: str, quick: bool, threads: int | None, repeats: int, out: str, device: str = "auto",
@@ -56,6 +57,18 @@ def cmd_bench_serve(llm: str, requests: int, max_tokens: int, pages: int, levels
     return 0
 
 
+def cmd_bench_faults(llm: str, honest: int, burst: int, threads: int | None, out: str) -> int:
+    """Replay hostile requests (malformed, oversized, bombs, abandoned, half-sent, a burst) while honest clients
+    load the server; checks every answer and that no accepted request is lost; JSON + PNG."""
+    from fovea.bench.faults import run_faults_bench
+
+    payload = run_faults_bench(llm=llm, honest=honest, burst=burst, threads=threads, out_dir=out,
+                               progress=lambda s: print(s, flush=True))
+    report = payload["report"]
+    print(json.dumps({k: report[k] for k in ("ok", "honest", "burst", "latency_s", "rss_mb")}, indent=2))
+    return 0 if report["ok"] else 1
+
+
 def _placement_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native, else float32), float32, bfloat16, float16")
@@ -98,6 +111,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _placement_flags(p)
     p.set_defaults(run=lambda a: cmd_bench_serve(a.llm, a.requests, a.max_tokens, a.pages, a.levels, a.threads,
                                                  a.out, a.device, a.dtype))
+
+    p = which.add_parser("faults", help=cmd_bench_faults.__doc__, description=cmd_bench_faults.__doc__)
+    p.add_argument("--llm", default="smollm2-135m-shape", help="LLM preset or smollm2")
+    p.add_argument("--honest", type=int, default=64, help="honest clients during the attacks")
+    p.add_argument("--burst", type=int, default=200, help="requests sent at once afterwards")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--out", default="bench-results", help="directory for faults.json and faults.png")
+    p.set_defaults(run=lambda a: cmd_bench_faults(a.llm, a.honest, a.burst, a.threads, a.out))
 
     p = which.add_parser("ttft", help=cmd_bench_ttft.__doc__, description=cmd_bench_ttft.__doc__)
     p.add_argument("--quick", action="store_true", help="fewer layouts, SmolLM2 only: a few minutes")
