@@ -50,6 +50,7 @@ def default_specs(max_grid: int = 9) -> list[EncoderSpec]:
         EncoderSpec("ViT-L/14 AnyRes tiles", VisionConfig(name="vit-l14-336-anyres", pinpoints=wide)),
         EncoderSpec("FastViTHD", VisionConfig(name="fastvithd")),
         EncoderSpec("FastViT MCi0 (small hybrid)", VisionConfig(name="fastvit-mci0")),
+        EncoderSpec("fovea-reader (stride 16)", VisionConfig(name="fovea-reader")),
     ]
 
 

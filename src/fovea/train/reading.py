@@ -193,9 +193,11 @@ def ctc_loss(log_probs: list[torch.Tensor], texts: list[str]) -> torch.Tensor:
         return log_probs[0].sum() * 0.0
     longest = max(log_probs[i].shape[0] for i in keep)
     padded = torch.stack([F.pad(log_probs[i], (0, 0, 0, longest - log_probs[i].shape[0])) for i in keep], 1)  # (S,R,V)
-    targets = torch.tensor([c for i in keep for c in encode_text(texts[i])], dtype=torch.long)
-    return F.ctc_loss(padded, targets, torch.tensor([log_probs[i].shape[0] for i in keep]),
-                      torch.tensor([len(texts[i]) for i in keep]), zero_infinity=True, reduction="mean")
+    device = padded.device
+    targets = torch.tensor([c for i in keep for c in encode_text(texts[i])], dtype=torch.long, device=device)
+    return F.ctc_loss(padded, targets, torch.tensor([log_probs[i].shape[0] for i in keep], device=device),
+                      torch.tensor([len(texts[i]) for i in keep], device=device), zero_infinity=True,
+                      reduction="mean")
 
 
 @torch.no_grad()
