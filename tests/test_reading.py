@@ -172,3 +172,14 @@ def test_skew_keeps_labels_and_is_bounded():
     assert not np.array_equal(np.asarray(skewed.image), np.asarray(flat.image))
     with pytest.raises(ValueError, match="rotate 5 must be in"):
         render_text(3, layout="line", height=32, width=384, rotate=5)
+
+
+def test_a_run_can_start_from_the_bundled_reader(tmp_path):
+    """A later session continues the curriculum from the shipped weights (encoder and probe head)."""
+    from fovea.eval.ocr import load_reader
+    from fovea.vision import bundled_reader_dir
+
+    shipped, _ = load_reader(bundled_reader_dir())
+    reader = build_reader(ReadingConfig(out=str(tmp_path), init="bundled:reader"))
+    for (name, a), (_, b) in zip(shipped.state_dict().items(), reader.state_dict().items(), strict=True):
+        assert torch.equal(a.float(), b.float()), name

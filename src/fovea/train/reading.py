@@ -41,7 +41,8 @@ _BLOCK_LAYOUTS = tuple(x for x in LAYOUTS if x != "line")
 class ReadingConfig:
     out: str = "runs/reader"  # run folder: checkpoints/, final/, log.jsonl, curve.png
     encoder: str = "fovea-reader"  # encoder registry key; must have a stride that divides the crop sizes
-    init: str | None = None  # encoder weights to start from (.safetensors); None = random init
+    init: str | None = None  # start from: encoder weights (.safetensors), a reader folder (encoder + probe head,
+    # e.g. "bundled:reader" or a run's final/), or None for random init
     steps: int = 3000  # optimizer steps
     lines: int = 16  # single-line crops per step
     line_size: tuple[int, int] = (32, 512)  # line crop (height, width) in px
@@ -78,7 +79,7 @@ class ReadingConfig:
             raise ValueError(f"lines ({self.lines}) and blocks ({self.blocks}) must be >= 0 and not both 0")
         if not 4 <= self.sizes[0] <= self.sizes[1] <= self.line_size[0]:
             raise ValueError(f"sizes {self.sizes} must satisfy 4 <= min <= max <= line height {self.line_size[0]}")
-        if self.init and not Path(self.init).is_file():
+        if self.init and not Path(_init_path(self.init)).exists():
             raise ValueError(f"init weights {self.init!r} do not exist")
 
     def check_stride(self, stride: int) -> None:
@@ -232,10 +233,31 @@ def probe(reader: Reader, cfg: ReadingConfig, device: torch.device, dtype: torch
     return out
 
 
+def _init_path(init: str) -> str:
+    if init == "bundled:reader":
+        from fovea.vision import bundled_reader_dir
+
+        return str(bundled_reader_dir())
+    return init
+
+
 def build_reader(cfg: ReadingConfig) -> Reader:
+    """Encoder + head, random or from ``cfg.init`` (a reader folder restores the probe head too, so a later run
+    continues where a shipped reader stopped)."""
+    from safetensors.torch import load_file
+
     torch.manual_seed(cfg.seed)
-    encoder = build_encoder(VisionConfig(name=cfg.encoder, weights=cfg.init))
-    return Reader(encoder, ReadingHead(channels=encoder.channels, stride=encoder.stride, subcells=cfg.subcells))
+    init = Path(_init_path(cfg.init)) if cfg.init else None
+    folder = init if init is not None and init.is_dir() else None
+    weights = str(folder / "encoder.safetensors") if folder else (str(init) if init else None)
+    encoder = build_encoder(VisionConfig(name=cfg.encoder, weights=weights))
+    head = ReadingHead(channels=encoder.channels, stride=encoder.stride, subcells=cfg.subcells)
+    if folder is not None and (folder / "head.safetensors").is_file():
+        try:
+            head.load_state_dict(load_file(str(folder / "head.safetensors")))
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"probe head in {folder} does not fit subcells={cfg.subcells}: {err}") from err
+    return Reader(encoder, head)
 
 
 def _lr_factor(cfg: ReadingConfig, step: int) -> float:
