@@ -146,7 +146,7 @@ def test_bundled_reader_reads_held_out_text():
 
     reader, cfg = load_reader(bundled_reader_dir())
     result = probe(reader, cfg, torch.device("cpu"), torch.float32, lines=16, blocks=2)
-    assert result["line_char_acc"] > 0.3, result
+    assert result["line_char_acc"] > 0.6, result  # 78.9% on the 96-line held-out probe
 
 
 def test_reader_preset_builds_with_the_bundled_encoder():
