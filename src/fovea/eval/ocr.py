@@ -21,8 +21,9 @@ from fovea.train.reading import (
     Reader,
     ReadingConfig,
     ReadingHead,
+    ReadingTally,
     draw_batch,
-    edit_distance,
+    held_out_sets,
     probe,
 )
 from fovea.vision import build_encoder
@@ -57,28 +58,15 @@ def ppocr_probe(cfg: ReadingConfig, *, lines: int, blocks: int, seed_base: int =
         raise ValueError("the PP-OCRv6 peer needs the rapidocr package: pip install rapidocr onnxruntime") from err
     engine = RapidOCR(params={"Global.log_level": "critical",
                               "EngineConfig.onnxruntime.intra_op_num_threads": threads})
-    stats = {"line": [0, 0, 0, 0], "field": [0, 0, 0, 0], "block": [0, 0, 0, 0]}
-    for kind, count, offset in (("line", lines, 0), ("block", blocks, 1 << 40)):
-        samples = draw_batch(cfg, [seed_base + offset + i for i in range(count)], kind)
-        for s in samples:
+    tally = ReadingTally()
+    for kind, count, offset in held_out_sets(lines, blocks):
+        for s in draw_batch(cfg, [seed_base + offset + i for i in range(count)], kind):
             arr = np.asarray(s.image)
             for (text, (x0, y0, x1, y1)), is_field in zip(s.runs, s.fields, strict=True):
                 crop = arr[max(0, y0 - 4): y1 + 4, max(0, x0 - 4): x1 + 4]
                 res = engine(crop, use_det=False, use_cls=False, use_rec=True)
-                guess = res.txts[0] if res.txts else ""
-                for key in (kind, "field") if kind == "line" and is_field else (kind,):
-                    st = stats[key]
-                    st[0] += edit_distance(guess, text)
-                    st[1] += len(text)
-                    st[2] += guess == text
-                    st[3] += 1
-    out = {}
-    for key, (err, chars, exact, runs) in stats.items():
-        if runs:
-            out[f"{key}_char_acc"] = max(0.0, 1 - err / max(chars, 1))
-            out[f"{key}_exact"] = exact / runs
-            out[f"{key}_runs"] = runs
-    return out
+                tally.add(kind, is_field, res.txts[0] if res.txts else "", text)
+    return tally.summary()
 
 
 def evaluate_reading(folder: str | Path, *, lines: int = 500, blocks: int = 50, peer: bool = True,

@@ -202,35 +202,53 @@ def ctc_loss(log_probs: list[torch.Tensor], texts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def held_out_sets(lines: int, blocks: int) -> tuple[tuple[str, int, int], ...]:
+    """(kind, count, seed offset from the held-out base) of the probe's two sets: lines, then page crops."""
+    return (("line", lines, 0), ("block", blocks, 1 << 40))
+
+
+class ReadingTally:
+    """Errors, characters, exact runs and runs per set ("line", "field" = the lines holding a whole field value,
+    "block" = page-crop runs), and the probe's figures from them."""
+
+    def __init__(self) -> None:
+        self.stats = {"line": [0, 0, 0, 0], "field": [0, 0, 0, 0], "block": [0, 0, 0, 0]}
+
+    def add(self, kind: str, is_field: bool, guess: str, text: str) -> None:
+        for key in (kind, "field") if kind == "line" and is_field else (kind,):
+            st = self.stats[key]
+            st[0] += edit_distance(guess, text)
+            st[1] += len(text)
+            st[2] += guess == text
+            st[3] += 1
+
+    def summary(self) -> dict[str, float]:
+        out = {}
+        for key, (err, chars, exact, runs) in self.stats.items():
+            if runs:
+                out[f"{key}_char_acc"] = max(0.0, 1 - err / max(chars, 1))
+                out[f"{key}_exact"] = exact / runs
+                out[f"{key}_runs"] = runs
+        return out
+
+
 def probe(reader: Reader, cfg: ReadingConfig, device: torch.device, dtype: torch.dtype, *, lines: int, blocks: int,
           seed_base: int = HELD_OUT_BASE, batch: int = 16) -> dict[str, float]:
     """Held-out reading accuracy: character accuracy (1 - edit distance / characters) and exact match, on single
     lines, on whole field values among them, and on page-crop runs. Seeds from ``seed_base`` up, never trained on."""
     was_training = reader.training
     reader.eval()
-    stats = {"line": [0, 0, 0, 0], "field": [0, 0, 0, 0], "block": [0, 0, 0, 0]}  # errors, chars, exact, runs
-    for kind, count, offset in (("line", lines, 0), ("block", blocks, 1 << 40)):
+    tally = ReadingTally()
+    for kind, count, offset in held_out_sets(lines, blocks):
         for start in range(0, count, batch):
             seeds = [seed_base + offset + i for i in range(start, min(count, start + batch))]
             samples = draw_batch(cfg, seeds, kind)
             preds = iter(reader.read(samples, device, dtype))
             for s in samples:
                 for (text, _), is_field in zip(s.runs, s.fields, strict=True):
-                    guess = greedy_decode(next(preds))
-                    for key in (kind, "field") if kind == "line" and is_field else (kind,):
-                        st = stats[key]
-                        st[0] += edit_distance(guess, text)
-                        st[1] += len(text)
-                        st[2] += guess == text
-                        st[3] += 1
+                    tally.add(kind, is_field, greedy_decode(next(preds)), text)
     reader.train(was_training)
-    out = {}
-    for key, (err, chars, exact, runs) in stats.items():
-        if runs:
-            out[f"{key}_char_acc"] = max(0.0, 1 - err / max(chars, 1))
-            out[f"{key}_exact"] = exact / runs
-            out[f"{key}_runs"] = runs
-    return out
+    return tally.summary()
 
 
 def _init_path(init: str) -> str:
