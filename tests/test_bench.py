@@ -11,7 +11,7 @@ from fovea.bench.packing import format_table, run_packing_bench
 
 def test_packing_bench_writes_json_and_chart(tmp_path):
     payload = run_packing_bench(lm="tiny-llama", quick=True, threads=2, warmup=0, repeats=1, mix_count=4,
-                                out_dir=tmp_path, progress=lambda s: None)
+                                dtype="float32", out_dir=tmp_path, progress=lambda s: None)
     saved = json.loads((tmp_path / "packing.json").read_text())
     assert saved["cases"].keys() == {"seed", "random-mix"}
     png = (tmp_path / "packing.png").read_bytes()
@@ -35,6 +35,7 @@ def test_encoder_bench_measures_and_skips_with_an_estimate(tmp_path):
     specs = [EncoderSpec("FastViTHD", tiny_config("fastvithd").vision),
              EncoderSpec("ViT-L/14 native", tiny_config("vit-l14-336").vision)]
     payload = run_encoder_bench(specs=specs, resolutions=[(128, 128), (256, 384)], threads=2, warmup=0, repeats=1,
+                                dtypes=("float32",),
                                 out_dir=tmp_path, progress=lambda s: None)
     rows = {(r["encoder"], r["image"]): r for r in payload["rows"]}
     fast_small, fast_big = rows[("FastViTHD", "128x128")], rows[("FastViTHD", "384x256")]
@@ -49,6 +50,7 @@ def test_encoder_bench_measures_and_skips_with_an_estimate(tmp_path):
     assert (tmp_path / "encoder.png").read_bytes()[:4] == b"\x89PNG"
     assert "FastViTHD" in format_table(payload)
     skipped = run_encoder_bench(specs=specs[:1], resolutions=[(128, 128), (256, 384)], threads=2, warmup=0,
+                                dtypes=("float32",),
                                 repeats=1, max_run_s=1e-9, out_dir=tmp_path, progress=lambda s: None)
     second = skipped["rows"][1]
     assert second["skipped"] and second["estimated_s"] > 0
@@ -71,7 +73,7 @@ def test_ttft_bench_with_transformers_peers(tmp_path):
     ]
     llava = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
                  patch_size=14)
-    payload = run_ttft_bench(llms=["tiny-llama"], layouts=layouts, threads=2, warmup=0, repeats=1,
+    payload = run_ttft_bench(llms=["tiny-llama"], layouts=layouts, threads=2, warmup=0, repeats=1, dtype="float32",
                              page_size=(280, 210), llava_vision=llava, llava_pinpoints=TINY_PINPOINTS,
                              out_dir=tmp_path, progress=lambda s: None)
     result = payload["results"]["tiny-llama"]
@@ -98,6 +100,7 @@ def test_serve_bench_runs_every_mode(tmp_path):
 
     model = VLM.from_config(tiny_config("fastvit-mci0", "qformer")).eval()
     payload = run_serve_bench(model=model, llm="tiny-llama", levels=(1, 3), requests=6, max_tokens=6, pages=2,
+                              dtype="float32",
                               threads=2, out_dir=tmp_path, progress=lambda s: None)
     assert "--pages 2 --levels 1 3" in payload["command"]
     for level in ("1", "3"):

@@ -11,6 +11,7 @@ from fovea.data.reading import LAYOUTS, available_fonts, decode_ids, encode_text
 from fovea.train.reading import ReadingConfig, _save, build_reader, ctc_loss, greedy_decode, train_reading
 
 SMALL = dict(line_size=(32, 128), block_size=(64, 128), lines=3, blocks=1, eval_lines=4, eval_blocks=1, threads=1,
+             dtype="float32",
              warmup_steps=2, save_every=2)
 
 
