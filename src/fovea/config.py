@@ -155,6 +155,20 @@ PRESETS = {
 }
 
 
+def settings_from_dict(cls, data: dict[str, Any], what: str, tuple_keys: tuple[str, ...] = ()):
+    """A settings dataclass from a mapping (YAML, JSON, flags): an unknown key is a ValueError listing the known
+    ones; ``tuple_keys`` come back as tuples (YAML and JSON give lists)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(known)}")
+    data = dict(data)
+    for key in tuple_keys:
+        if data.get(key) is not None:
+            data[key] = tuple(data[key])
+    return cls(**data)
+
+
 def preset(name: str) -> VLMConfig:
     """A fresh copy of a named preset."""
     if name not in PRESETS:

@@ -8,7 +8,6 @@ fp32 elsewhere. A CPU without those units emulates bf16 (measured on an AVX2-onl
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -129,6 +128,4 @@ def placement(device: str | None = "auto", dtype: str | None = "auto", threads: 
     """Resolve ``device``, ``dtype`` and ``threads`` together, before any model is built."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if threads is None and os.environ.get("OMP_NUM_THREADS"):
-        threads = None  # the operator already chose
     return Placement(device=dev, dtype=dt, threads=configure_threads(threads))

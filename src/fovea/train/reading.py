@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fovea.config import VisionConfig
+from fovea.config import VisionConfig, settings_from_dict
 from fovea.data.reading import CHARSET, LAYOUTS, TextSample, check_fonts, decode_ids, encode_text, render_text
 from fovea.runtime import placement
 from fovea.vision import available_encoders, build_encoder
@@ -90,15 +89,7 @@ class ReadingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReadingConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown reading settings {unknown}; known: {sorted(known)}")
-        data = dict(data)
-        for key in ("line_size", "block_size", "sizes", "fonts"):
-            if key in data and data[key] is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        return settings_from_dict(cls, data, "reading", tuple_keys=("line_size", "block_size", "sizes", "fonts"))
 
 
 class ReadingHead(nn.Module):
@@ -448,7 +439,3 @@ def plot_reading_curve(result: ReadingResult, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-def random_seeds(n: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(HELD_OUT_BASE) for _ in range(n)]
