@@ -47,10 +47,10 @@ def test_ask_prints_answer_and_timings(tmp_path):
     from conftest import tiny_config
     from PIL import Image
 
-    from fovea import VLM
+    from fovea import VLM, save_model
 
     torch.manual_seed(0)
-    VLM.from_config(tiny_config("fastvithd", "qformer")).save_pretrained(tmp_path / "model")
+    save_model(VLM.from_config(tiny_config("fastvithd", "qformer")), tmp_path / "model")
     Image.effect_noise((300, 200), 60).convert("RGB").save(tmp_path / "page.png")
     for extra in ([], ["--stream"]):
         out = _fovea("ask", str(tmp_path / "page.png"), "What is the total?", "--model", str(tmp_path / "model"),

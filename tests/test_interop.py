@@ -12,7 +12,7 @@ import torch
 from conftest import LM_INIT, TINY_ENCODERS
 from PIL import Image
 
-from fovea import VLM
+from fovea import VLM, load_model, save_model
 from fovea.engine import Engine, EngineConfig, SamplingParams
 from fovea.lm.tokenizer import byte_tokenizer
 
@@ -98,7 +98,7 @@ def _peer_inputs(kind, model, prompt):
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_checkpoint_parity_logits_and_engine(kind, tmp_path):
     peer, path = BUILDERS[kind](tmp_path)
-    model = VLM.from_pretrained(path).eval()
+    model = load_model(path).eval()
     prompt = model.processor()(MESSAGES, [PAGE])
     assert prompt.num_visual_tokens[0] > 0
     extra = _peer_inputs(kind, model, prompt)
@@ -121,7 +121,7 @@ def test_checkpoint_parity_logits_and_engine(kind, tmp_path):
 
 def test_llava_next_layout_unpads_and_adds_newlines(tmp_path):
     _, path = _llava_next(tmp_path)
-    model = VLM.from_pretrained(path)
+    model = load_model(path)
     # A 60x90 (h x w) page keeps most of its pixels on the 56x56 pinpoint: 2x2 crops of 2x2 cells each.
     prompt = model.processor()(MESSAGES, [PAGE])
     assert tuple(prompt.images[0].pixels.shape[-2:]) == (56 + 28, 56)  # the canvas, then the base-view row
@@ -134,15 +134,18 @@ def test_llava_next_layout_unpads_and_adds_newlines(tmp_path):
                           + torch.tensor(model.config.preprocess.mean)[:, None], torch.full((3, 56), pad), atol=1e-5)
 
 
-def test_converted_directory_round_trips_and_prints_licence(tmp_path, capsys):
+def test_converted_directory_round_trips_and_prints_licence(tmp_path, caplog):
     _, path = _llava_next(tmp_path)
-    model = VLM.from_pretrained(path)
-    assert "llama2" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="fovea.checkpoint"):
+        model = load_model(path)
+    assert "llama2" in caplog.text
+    caplog.clear()
     assert model.config.license == "llama2"
     out = tmp_path / "fovea"
-    model.save_pretrained(out)
-    again = VLM.from_pretrained(out)
-    assert "llama2" in capsys.readouterr().err
+    save_model(model, out)
+    with caplog.at_level("WARNING", logger="fovea.checkpoint"):
+        again = load_model(out)
+    assert "llama2" in caplog.text
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     assert again.config.preprocess == model.config.preprocess
@@ -150,7 +153,7 @@ def test_converted_directory_round_trips_and_prints_licence(tmp_path, capsys):
 
 def test_fastvlm_licence_name(tmp_path):
     _, path = _fastvlm(tmp_path)
-    assert VLM.from_pretrained(path).config.license == "other (apple-amlr)"
+    assert load_model(path).config.license == "other (apple-amlr)"
 
 
 def _rewrite_weights(path, edit):
@@ -167,13 +170,13 @@ def test_mismatched_and_truncated_checkpoints_name_the_problem(tmp_path):
     shutil.copytree(path, missing)
     _rewrite_weights(missing, lambda s: s.pop(next(k for k in s if k.endswith("multi_modal_projector.linear_2.bias"))))
     with pytest.raises(ValueError, match=r"missing keys \['connector.fc2.bias'\]"):
-        VLM.from_pretrained(missing)
+        load_model(missing)
 
     extra = tmp_path / "extra"
     shutil.copytree(path, extra)
     _rewrite_weights(extra, lambda s: s.update({"something_else.weight": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"unexpected keys \['something_else.weight'\]"):
-        VLM.from_pretrained(extra)
+        load_model(extra)
 
     shape = tmp_path / "shape"
     shutil.copytree(path, shape)
@@ -181,14 +184,14 @@ def test_mismatched_and_truncated_checkpoints_name_the_problem(tmp_path):
     config["text_config"]["intermediate_size"] = 48
     (shape / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"shape mismatches \['lm.model.layers.0.mlp.down_proj.weight"):
-        VLM.from_pretrained(shape)
+        load_model(shape)
 
     truncated = tmp_path / "truncated"
     shutil.copytree(path, truncated)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cannot read weights file"):
-        VLM.from_pretrained(truncated)
+        load_model(truncated)
 
     unknown = tmp_path / "unknown"
     shutil.copytree(path, unknown)
@@ -196,7 +199,7 @@ def test_mismatched_and_truncated_checkpoints_name_the_problem(tmp_path):
     config["model_type"] = "idefics3"
     (unknown / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'idefics3' checkpoint; fovea converts"):
-        VLM.from_pretrained(unknown)
+        load_model(unknown)
 
 
 def _assert_same_logits(model: VLM, peer) -> None:
@@ -217,7 +220,7 @@ def test_current_key_layout_loads_too(tmp_path):
     state = {k: v.contiguous() for k, v in peer.state_dict().items()}
     assert any(k.startswith("model.language_model.") for k in state)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    _assert_same_logits(VLM.from_pretrained(path).eval(), peer)
+    _assert_same_logits(load_model(path).eval(), peer)
 
 
 def test_fovea_convert_cli(tmp_path, capsys):
@@ -240,10 +243,10 @@ def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):
     _tokenizer().save_pretrained(path)
     shards = sorted(path.glob("model-*.safetensors"))
     assert len(shards) > 1 and (path / "model.safetensors.index.json").is_file()
-    _assert_same_logits(VLM.from_pretrained(path).eval(), peer)
+    _assert_same_logits(load_model(path).eval(), peer)
     shards[-1].unlink()
     with pytest.raises(ValueError, match=f"incomplete: shard files \\['{shards[-1].name}'\\] are missing"):
-        VLM.from_pretrained(path)
+        load_model(path)
 
 
 def test_llava_preprocessing_follows_the_saved_clip_processor(tmp_path):
@@ -251,7 +254,7 @@ def test_llava_preprocessing_follows_the_saved_clip_processor(tmp_path):
 
     peer, path = _llava(tmp_path)
     CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(path)
-    model = VLM.from_pretrained(path).eval()
+    model = load_model(path).eval()
     assert model.config.preprocess.center_crop
     for image in (PAGE, PAGE.transpose(Image.Transpose.ROTATE_90), Image.effect_noise((300, 301), 30).convert("RGB")):
         ours = model.processor()(MESSAGES, [image])
@@ -263,7 +266,7 @@ def test_llava_preprocessing_follows_the_saved_clip_processor(tmp_path):
             b = peer(input_ids=ours.input_ids[None], pixel_values=theirs).logits
         assert (a - b).abs().max().item() < 1e-4
     (path / "preprocessor_config.json").write_text(json.dumps({"do_center_crop": False}))
-    padded = VLM.from_pretrained(path)
+    padded = load_model(path)
     assert padded.config.preprocess.square and not padded.config.preprocess.center_crop
 
 
@@ -273,7 +276,7 @@ def test_llava_next_raw_image_parity_with_its_processor(tmp_path):
     peer, path = _llava_next(tmp_path)
     LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
                                image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]]).save_pretrained(path)
-    model = VLM.from_pretrained(path).eval()
+    model = load_model(path).eval()
     hf = LlavaNextImageProcessorPil.from_pretrained(path)
     for image in (PAGE, PAGE.transpose(Image.Transpose.ROTATE_90), Image.effect_noise((41, 95), 30).convert("RGB")):
         prompt = model.processor()(MESSAGES, [image])

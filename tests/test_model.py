@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from fovea import VLM
+from fovea import VLM, load_model, save_model
 from fovea.lm import byte_tokenizer
 from fovea.merge import merge_visual_tokens
 
@@ -87,8 +87,8 @@ def test_freeze_flags(flags):
 def test_save_load_round_trip_is_exact(tmp_path, lm):
     torch.manual_seed(0)
     model = VLM.from_config(tiny_config("fastvithd", "qformer", lm=lm, instruction_aware=True)).eval()
-    model.save_pretrained(tmp_path / "m")
-    loaded = VLM.from_pretrained(tmp_path / "m").eval()
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
     assert loaded.config == model.config
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -102,7 +102,7 @@ def test_save_load_round_trip_is_exact(tmp_path, lm):
 def test_loading_a_mismatched_checkpoint_names_the_keys(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    VLM.from_config(tiny_config("fastvithd", "mlp")).save_pretrained(tmp_path / "m")
+    save_model(VLM.from_config(tiny_config("fastvithd", "mlp")), tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
     state = load_file(str(weights))
     state.pop("connector.fc2.bias")
@@ -110,9 +110,9 @@ def test_loading_a_mismatched_checkpoint_names_the_keys(tmp_path):
     save_file(state, str(weights))
     expected = r"missing keys \['connector.fc2.bias'\].*unexpected keys \['connector.extra'\]"
     with pytest.raises(ValueError, match=expected):
-        VLM.from_pretrained(tmp_path / "m")
+        load_model(tmp_path / "m")
     with pytest.raises(ValueError, match="is not a model directory"):
-        VLM.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 @pytest.mark.parametrize("encoder", ["fastvithd", "fastvit-mci0"])
@@ -130,6 +130,6 @@ def test_reparameterized_encoder_gives_the_same_features_and_reloads(tmp_path, e
     after = model.encoder.features(pixels)
     assert sum(1 for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)) < n_before
     torch.testing.assert_close(before, after, atol=1e-4, rtol=1e-4)
-    model.save_pretrained(tmp_path / "fused")
-    loaded = VLM.from_pretrained(tmp_path / "fused").eval()
+    save_model(model, tmp_path / "fused")
+    loaded = load_model(tmp_path / "fused").eval()
     torch.testing.assert_close(loaded.encoder.features(pixels), after, atol=0, rtol=0)

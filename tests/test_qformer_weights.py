@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fovea.checkpoint import load_model, save_model
 from fovea.connectors import QFormer
+from fovea.interop.blip2 import load_blip2_into, load_qformer
 
 QCFG = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, encoder_hidden_size=24,
             cross_attention_frequency=2, vocab_size=50, max_position_embeddings=20)
@@ -32,7 +34,7 @@ def test_blip2_qformer_model_parity(tmp_path):
     peer = _randomise(Blip2QFormerModel(Blip2QFormerConfig(**QCFG)))
     peer.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="query_tokens"):
-        ours = QFormer.from_pretrained(tmp_path, num_queries=6, out_dim=16)
+        ours = load_qformer(tmp_path, num_queries=6, out_dim=16)
     feats, tokens = _features()
     with torch.no_grad():
         queries = ours.query_tokens.expand(2, -1, -1)
@@ -54,7 +56,7 @@ def test_blip2_full_model_query_tokens_and_projection(tmp_path):
     )
     peer = _randomise(Blip2ForConditionalGeneration(cfg))
     peer.save_pretrained(tmp_path)
-    ours = QFormer.from_pretrained(tmp_path)
+    ours = load_qformer(tmp_path)
     assert ours.num_queries == 5 and ours.proj_out.out_features == 40
     feats, tokens = _features()
     with torch.no_grad():
@@ -71,7 +73,7 @@ def test_instructblip_qformer_with_instruction_parity(tmp_path):
     peer = _randomise(InstructBlipQFormerModel(InstructBlipQFormerConfig(**QCFG)))
     peer.save_pretrained(tmp_path)
     with pytest.warns(UserWarning):
-        ours = QFormer.from_pretrained(tmp_path, num_queries=4, out_dim=16)
+        ours = load_qformer(tmp_path, num_queries=4, out_dim=16)
     assert ours.has_own_vocabulary
     feats, tokens = _features()
     ids = torch.tensor([[5, 9, 13, 2, 7], [4, 4, 8, 0, 0]])
@@ -98,13 +100,13 @@ def test_mismatched_encoder_width_is_named_or_skipped(tmp_path):
     target = QFormer(in_channels=64, out_dim=16, num_queries=4, dim=32, num_layers=3, heads=4,
                      intermediate_size=48, image_norm=False, position_encoding=False)
     with pytest.raises(ValueError, match=r"layers.0.crossattention.key.weight: checkpoint \(32, 24\) vs \(32, 64\)"):
-        target.load_blip2(str(tmp_path))
-    report = target.load_blip2(str(tmp_path), skip_mismatched=True)
+        load_blip2_into(target, str(tmp_path))
+    report = load_blip2_into(target, str(tmp_path), skip_mismatched=True)
     assert report.skipped == [f"layers.{i}.crossattention.{p}.weight" for i in (0, 2) for p in ("key", "value")]
     assert "layers.1.attention.query.weight" in report.loaded and "query_tokens" in report.fresh
     wrong = QFormer(in_channels=24, out_dim=16, num_queries=4, dim=32, num_layers=2, heads=4, intermediate_size=48)
     with pytest.raises(ValueError, match=r"this Q-Former lacks: \['layers.2"):
-        wrong.load_blip2(str(tmp_path))
+        load_blip2_into(wrong, str(tmp_path))
 
 
 def test_vlm_with_own_vocabulary_qformer_uses_its_tokenizer(tmp_path):
@@ -129,8 +131,8 @@ def test_vlm_with_own_vocabulary_qformer_uses_its_tokenizer(tmp_path):
     assert prompt.instructions[0].tolist() == [1, 2, 3, 4, 5]
     with torch.no_grad():
         logits = model(prompt.input_ids[None], [prompt.images[0].pixels], prompt.instructions).logits
-    model.save_pretrained(tmp_path / "m")
-    again = VLM.from_pretrained(tmp_path / "m").eval()
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m").eval()
     with torch.no_grad():
         assert torch.equal(again(prompt.input_ids[None], [prompt.images[0].pixels], prompt.instructions).logits,
                            logits)

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from fovea import VLM
+from fovea import VLM, load_model, save_model
+from fovea.data.records import DataError, encode_record, load_dataset, read_records
+from fovea.data.synth import write_dataset
 from fovea.packing import IGNORE_INDEX, pack
-from fovea.train.data import DataError, encode_record, load_dataset, read_records
-from fovea.train.synth import write_dataset
 from fovea.train.trainer import TrainConfig, latest_checkpoint, train
 
 
@@ -26,7 +26,7 @@ from fovea.train.trainer import TrainConfig, latest_checkpoint, train
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     torch.manual_seed(0)
-    VLM.from_config(tiny_config("fastvit-mci0", "qformer", budget=8, max_side=128)).save_pretrained(root / "model")
+    save_model(VLM.from_config(tiny_config("fastvit-mci0", "qformer", budget=8, max_side=128)), root / "model")
     write_dataset(root / "data", num_pages=4, seed=0, size=(320, 240), questions_per_page=2)
     return root
 
@@ -40,7 +40,7 @@ def _cfg(setup, out, **kw) -> TrainConfig:
 
 
 def _model(setup):
-    return VLM.from_pretrained(setup / "model").eval().reparameterize_encoder()
+    return load_model(setup / "model").eval().reparameterize_encoder()
 
 
 def test_both_formats_give_the_same_sample_with_labels_on_answers_only(setup, tmp_path):
@@ -144,7 +144,7 @@ def test_a_few_steps_lower_the_loss_and_write_a_loadable_model(setup, tmp_path):
     assert result.losses[-1] < 0.9 * result.losses[0], result.losses  # the same full batch every step
     assert len(result.evals) == 2 and 0.0 <= result.evals[-1]["exact_match"] <= 1.0
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
-    trained = VLM.from_pretrained(result.final)
+    trained = load_model(result.final)
     assert trained.config.connector.name == "qformer"
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["step-0000006", "step-0000008"]  # keep_last=2
@@ -174,7 +174,7 @@ def test_resume_equals_uninterrupted_and_interrupted_saves_are_ignored(setup, tm
     steps = [json.loads(line)["step"] for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # one line per step, after two resumes that re-ran steps
     assert resumed.losses == pytest.approx(full.losses, abs=1e-6)
-    a, b = VLM.from_pretrained(full.final), VLM.from_pretrained(resumed.final)
+    a, b = load_model(full.final), load_model(resumed.final)
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.allclose(x, y, atol=1e-6), k
 
@@ -193,7 +193,7 @@ def test_lora_finetune_trains_adapters_and_saves_a_plain_model(setup, tmp_path):
                    progress=False)
     full = train(_cfg(setup, tmp_path / "fullft", stage="finetune", steps=1, save_every=0), progress=False)
     assert 0 < result.trainable_parameters < full.trainable_parameters
-    model = VLM.from_pretrained(result.final)  # strict: no adapter keys left, weights merged
+    model = load_model(result.final)  # strict: no adapter keys left, weights merged
     base = _model(setup)
     changed = [k for k, v in model.lm.state_dict().items() if not torch.equal(v, base.lm.state_dict()[k])]
     assert any("q_proj" in k for k in changed) and not any("mlp" in k for k in changed)
@@ -223,7 +223,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, par
     assert logged == pytest.approx(single.losses, rel=1e-4)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed once, by the first process
     assert summary["evals"][0]["step"] == 3 and summary["evals"][0]["n"] == 1
-    VLM.from_pretrained(tmp_path / "two" / "final")
+    load_model(tmp_path / "two" / "final")
 
 
 def test_synth_is_deterministic(tmp_path):

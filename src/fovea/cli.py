@@ -129,12 +129,12 @@ def _summary(model) -> list[str]:
 
 def cmd_convert(src: str, dst: str) -> int:
     """Convert a transformers checkpoint directory (FastVLM, LLaVA-1.5, LLaVA-NeXT) into a fovea model directory."""
-    from fovea import VLM
+    from fovea.checkpoint import load_model, save_model
     from fovea.interop import supported_model_types
 
     print(f"reading {src} (fovea converts {', '.join(supported_model_types())}) ...", file=sys.stderr)
-    model = VLM.from_pretrained(src)
-    model.save_pretrained(dst)
+    model = load_model(src)
+    save_model(model, dst)
     print("\n".join(_summary(model)))
     print(f"wrote {dst}")
     return 0
@@ -149,9 +149,9 @@ def cmd_info(model_dir: str | None = None) -> int:
     from fovea.vision import available_encoders
 
     if model_dir:
-        from fovea import VLM
+        from fovea.checkpoint import load_model
 
-        print("\n".join(_summary(VLM.from_pretrained(model_dir))))
+        print("\n".join(_summary(load_model(model_dir))))
         return 0
 
     print("encoders:   ", ", ".join(available_encoders()))
@@ -164,7 +164,7 @@ def cmd_info(model_dir: str | None = None) -> int:
 def cmd_synth(out: str, pages: int, seed: int, size: str, questions: int) -> int:
     """Render synthetic document pages (contracts, invoices, forms) with exact question/answer pairs in the LLaVA
     conversation format: OUT/images/*.png and OUT/data.json. Deterministic given --seed."""
-    from fovea.train.synth import write_dataset
+    from fovea.data.synth import write_dataset
 
     try:
         width, height = (int(v) for v in size.lower().split("x"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from fovea.checkpoint import load_model
 from fovea.config import PRESETS, preset
 from fovea.lm import smollm2_dir
 from fovea.model import ENCODER_RUNTIMES, VLM
@@ -34,7 +35,7 @@ def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Calla
     spec = spec or DEFAULT_PRESET
     if Path(spec).is_dir():
         progress(f"loading model from {spec} ...")
-        model = VLM.from_pretrained(spec)
+        model = load_model(spec)
     elif spec in PRESETS:
         config = preset(spec)
         config.lm.name = llm or default_llm()

@@ -6,11 +6,8 @@ N visual tokens in a batch.
 
 from __future__ import annotations
 
-import json
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,15 +16,12 @@ from torch import nn
 from fovea.attention import PREFIX, use_backend
 from fovea.config import VLMConfig
 from fovea.connectors import Connector, build_connector
-from fovea.lm import build_lm, lm_from_config_dict
+from fovea.lm import build_lm
 from fovea.merge import merge_visual_tokens
 from fovea.packing import PackedBatch
 from fovea.preprocess import ImageProcessor, Processor
 from fovea.vision import Encoder, build_encoder
 from fovea.vision.base import place_encoder, run_encoder
-
-CONFIG_NAME, WEIGHTS_NAME, FORMAT_VERSION = "config.json", "model.safetensors", 1
-INSTRUCTION_TOKENIZER_DIR = "instruction_tokenizer"  # the Q-Former's own tokenizer, when it has one
 
 
 def _group_by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
@@ -256,92 +250,3 @@ class VLM(nn.Module):
     @property
     def connector_dtype(self) -> torch.dtype:
         return next(self.connector.parameters()).dtype
-
-    # ----- save / load ------------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer to ``path`` (written to a temporary
-        directory first and renamed, so an interrupted save never leaves a half-written model)."""
-        from safetensors.torch import save_model
-
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp-save")
-        tmp.mkdir(parents=True, exist_ok=True)
-        meta = {"format_version": FORMAT_VERSION, "fovea": self.config.to_dict(), "lm_config": self.lm.config.to_dict()}
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
-        save_model(self, str(tmp / WEIGHTS_NAME))
-        self.tokenizer.save_pretrained(tmp)
-        if self.instruction_tokenizer is not None:
-            self.instruction_tokenizer.save_pretrained(tmp / INSTRUCTION_TOKENIZER_DIR)
-        if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        tmp.rename(path)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> VLM:
-        """Load a directory written by ``save_pretrained``, or one written by transformers'
-        ``save_pretrained`` for a supported model type (FastVLM, LLaVA, LLaVA-NeXT; see ``fovea.interop``), which
-        is converted on the fly. Every weight must match (strict); the checkpoint's licence is printed."""
-        from safetensors.torch import load_file
-        from transformers import AutoTokenizer
-
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file():
-            raise ValueError(f"{str(path)!r} is not a model directory (it has no {CONFIG_NAME})")
-        meta = json.loads((path / CONFIG_NAME).read_text())
-        if "fovea" not in meta:
-            from fovea.interop import convert_checkpoint
-
-            return convert_checkpoint(path)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{str(path / CONFIG_NAME)!r} has format_version {meta.get('format_version')!r}; "
-                             f"this fovea reads {FORMAT_VERSION}")
-        if not (path / WEIGHTS_NAME).is_file():
-            raise ValueError(f"{str(path)!r} has no {WEIGHTS_NAME}")
-        config = VLMConfig.from_dict(meta["fovea"])
-        config.vision.weights = None  # the encoder's weights are in model.safetensors
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        extra = path / INSTRUCTION_TOKENIZER_DIR
-        instruction_tokenizer = AutoTokenizer.from_pretrained(extra) if extra.is_dir() else None
-        try:
-            state = load_file(str(path / WEIGHTS_NAME))
-        except Exception as err:
-            raise ValueError(f"cannot read {str(path / WEIGHTS_NAME)!r}: {err}") from None
-        return cls.assemble(config, meta["lm_config"], tokenizer, state, source=str(path),
-                            instruction_tokenizer=instruction_tokenizer)
-
-    @classmethod
-    def assemble(
-        cls, config: VLMConfig, lm_config: dict, tokenizer: Any, state: dict[str, torch.Tensor], *, source: str,
-        instruction_tokenizer: Any = None,
-    ) -> VLM:
-        """Build the parts from ``config`` (the LLM from its transformers config dict) and load ``state`` (fovea
-        keys) strictly: a missing or unexpected key, or a shape that differs, is a ValueError naming them."""
-        lm = lm_from_config_dict(lm_config, config.lm.dtype)
-        encoder = build_encoder(config.vision)
-        connector = build_connector(config.connector, in_channels=encoder.channels, out_dim=lm.config.hidden_size)
-        model = cls(config, encoder=encoder, connector=connector, lm=lm, tokenizer=tokenizer,
-                    instruction_tokenizer=instruction_tokenizer)
-        expected = model.state_dict()
-        tied: set[str] = set()
-        if getattr(lm.config, "tie_word_embeddings", False):
-            # Tied embeddings are stored once, under either name (safetensors keeps one of the two).
-            embed = next(f"lm.{n}" for n, p in lm.named_parameters() if p is lm.get_input_embeddings().weight)
-            tied = {"lm.lm_head.weight", embed}
-            if embed not in state and "lm.lm_head.weight" in state:
-                state = {**state, embed: state["lm.lm_head.weight"]}
-            tied.discard(embed)
-        missing = sorted(set(expected) - set(state) - tied)
-        unexpected = sorted(set(state) - set(expected))
-        shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"checkpoint {source!r} does not match its config: missing keys {missing[:8]}"
-                             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                             f"{' ...' if len(unexpected) > 8 else ''}, shape mismatches {shapes[:4]}")
-        model.load_state_dict(state, strict=False)
-        if config.license:
-            print(f"fovea: the weights in {source} are under the licence {config.license!r}; check its terms "
-                  "before use", file=sys.stderr)
-        return model

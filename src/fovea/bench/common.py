@@ -78,26 +78,6 @@ def save_results(payload: dict[str, Any], out_dir: str | Path, name: str,
     return payload
 
 
-def save_figure(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def reset_peak_memory() -> None:
     """Start a new peak-memory window: CUDA's allocator peak, or the process's peak RSS on Linux."""
     if torch.cuda.is_available():

@@ -15,10 +15,10 @@ from fovea.bench.common import describe, environment
 from fovea.bench.stages import StageTimes, first_token
 from fovea.bench.ttft import Layout, build_layout_model
 from fovea.config import LMConfig, VisionConfig
+from fovea.data.synth import render_contract
 from fovea.lm import build_lm
 from fovea.loading import default_llm
 from fovea.runtime import placement
-from fovea.train.synth import render_contract
 
 
 @dataclass

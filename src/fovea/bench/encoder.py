@@ -20,13 +20,12 @@ from fovea.bench.common import (
     environment,
     matmul_gflops,
     peak_memory_mb,
-    pyplot,
     reset_peak_memory,
-    save_figure,
     save_results,
     time_adaptive,
 )
 from fovea.config import VisionConfig
+from fovea.plotting import pyplot, save_figure
 from fovea.preprocess import grid_pinpoints
 from fovea.runtime import dtype_name, placement
 from fovea.vision import Encoder, build_encoder

@@ -214,7 +214,7 @@ def run_faults_bench(*, llm: str = "smollm2-135m-shape", honest: int = 64, burst
 
 
 def chart(payload: dict[str, Any], path: Path) -> None:
-    from fovea.bench.common import pyplot, save_figure
+    from fovea.plotting import pyplot, save_figure
 
     plt = pyplot()
     report = payload["report"]

@@ -25,8 +25,6 @@ from fovea.attention import use_backend
 from fovea.bench.common import (
     describe,
     environment,
-    pyplot,
-    save_figure,
     save_results,
     time_call,
 )
@@ -34,6 +32,7 @@ from fovea.config import LMConfig
 from fovea.lm import build_lm
 from fovea.packing import Sample, first_fit_decreasing, pack
 from fovea.packing.binpack import packing_stats
+from fovea.plotting import pyplot, save_figure
 from fovea.runtime import dtype_name, placement
 
 SEED_LENGTHS = [50, 120, 300, 80, 4000, 60, 900, 200]

@@ -19,13 +19,14 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from fovea.bench.common import describe, environment, pyplot, save_figure, save_results
+from fovea.bench.common import describe, environment, save_results
 from fovea.config import CLIP_MEAN, CLIP_STD, ConnectorConfig, LMConfig, PreprocessConfig, VisionConfig, VLMConfig
+from fovea.data.synth import render_contract
 from fovea.engine import Engine, EngineConfig, SamplingParams
 from fovea.engine import stream as stream_events
 from fovea.model import VLM
+from fovea.plotting import pyplot, save_figure
 from fovea.runtime import dtype_name, placement
-from fovea.train.synth import render_contract
 
 QUESTIONS = ["What is the agreement number?", "Who is the client?", "What is the governing law?",
              "Summarise clause 2 in one sentence, then list every amount that appears in the fee table.",

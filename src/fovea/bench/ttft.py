@@ -25,8 +25,6 @@ from fovea.bench.common import (
     describe,
     environment,
     matmul_gflops,
-    pyplot,
-    save_figure,
     save_results,
     sync,
     time_adaptive,
@@ -42,11 +40,12 @@ from fovea.config import (
     VLMConfig,
 )
 from fovea.connectors import build_connector
+from fovea.data.synth import render_contract
 from fovea.lm import build_lm, smollm2_dir
 from fovea.model import VLM
+from fovea.plotting import pyplot, save_figure
 from fovea.preprocess import grid_pinpoints
 from fovea.runtime import dtype_name, placement
-from fovea.train.synth import render_contract
 from fovea.vision import build_encoder
 
 QUESTION = "What is the agreement number?"

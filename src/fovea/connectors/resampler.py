@@ -184,23 +184,6 @@ class QFormer(Connector):
     def has_own_vocabulary(self) -> bool:
         return self.word_embeddings is not None
 
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> QFormer:
-        """A Q-Former with the weights of a transformers BLIP-2 / InstructBLIP checkpoint directory (see
-        ``fovea.interop.blip2.load_qformer`` for the arguments)."""
-        from fovea.interop.blip2 import load_qformer
-
-        return load_qformer(path, **kwargs)
-
-    def load_blip2(self, path: str, *, skip_mismatched: bool = False):
-        """Load a BLIP-2 / InstructBLIP checkpoint's Q-Former weights into this Q-Former, e.g. to start a bridge
-        for another encoder from BLIP-2's; ``skip_mismatched`` keeps this module's own tensors where shapes differ
-        (cross-attention keys and values for another encoder width, the projection for another LLM) and reports
-        them. Returns a ``fovea.interop.blip2.LoadReport``."""
-        from fovea.interop.blip2 import load_blip2_into
-
-        return load_blip2_into(self, path, skip_mismatched=skip_mismatched)
-
     def forward(self, features, grid=None, text_embeds=None, text_mask=None, text_ids=None):
         """``text_embeds`` (B,L,D) LLM embeddings of the instruction, or ``text_ids`` (B,L) in the Q-Former's own
         vocabulary; ``text_mask`` (B,L) marks real tokens."""

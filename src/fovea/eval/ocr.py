@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fovea.config import VisionConfig
+from fovea.plotting import pyplot, save_figure
 from fovea.train.reading import (
     HELD_OUT_BASE,
     Reader,
@@ -95,11 +96,7 @@ def evaluate_reading(folder: str | Path, *, lines: int = 500, blocks: int = 50, 
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [("line_char_acc", "line chars"), ("field_exact", "field exact"), ("line_exact", "line exact"),
             ("block_char_acc", "page-crop chars"), ("block_exact", "page-crop runs exact")]
     systems = [k for k in result if k != "settings"]
@@ -111,6 +108,4 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_xticks([j + width * (len(systems) - 1) / 2 for j in range(len(keys))], [label for _, label in keys])
     ax.set(ylim=(0, 1), ylabel="held-out accuracy", title="reading probe on held-out rendered text")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -1,8 +1,9 @@
 """Loading checkpoints written by transformers: one converter per ``model_type``, one contract.
 
-A converter reads a local directory and returns a ready ``fovea.VLM`` whose encoder, connector and LLM hold the
-checkpoint's weights (strict: a missing, unexpected or misshapen key is a ValueError naming it), with the
-checkpoint's image preprocessing, tokenizer, chat template and licence. Nothing is downloaded.
+A converter reads a local directory and returns a ``Converted``: the fovea config, the LLM's config, the tokenizer
+and every weight under fovea's names, with the checkpoint's image preprocessing, chat template and licence.
+``fovea.checkpoint.load_model`` builds the VLM from it (strict: a missing, unexpected or misshapen key is a ValueError
+naming it). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from fovea.interop.common import read_config
+from fovea.interop.common import Converted, read_config
 from fovea.registry import Registry
 
-Converter = Callable[[Path, dict], "object"]
+Converter = Callable[[Path, dict], Converted]
 _CONVERTERS: Registry[Converter] = Registry("converter for model_type")
 
 
@@ -25,8 +26,8 @@ def supported_model_types() -> list[str]:
     return _CONVERTERS.names()
 
 
-def convert_checkpoint(path: str | Path):
-    """A transformers checkpoint directory -> ``fovea.VLM``."""
+def convert_checkpoint(path: str | Path) -> Converted:
+    """A transformers checkpoint directory -> its parts in fovea's terms."""
     path = Path(path)
     config = read_config(path)
     kind = config.get("model_type")
@@ -39,4 +40,4 @@ def convert_checkpoint(path: str | Path):
 from fovea.interop import fastvlm as _fastvlm  # noqa: E402,F401  (registers fast_vlm)
 from fovea.interop import llava as _llava  # noqa: E402,F401  (registers llava, llava_next)
 
-__all__ = ["convert_checkpoint", "register_converter", "supported_model_types"]
+__all__ = ["Converted", "convert_checkpoint", "register_converter", "supported_model_types"]

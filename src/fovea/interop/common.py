@@ -6,12 +6,25 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fovea.config import PreprocessConfig
+from fovea.config import PreprocessConfig, VLMConfig
+
+
+@dataclass
+class Converted:
+    """A checkpoint read into fovea's terms, ready for ``fovea.checkpoint.assemble``."""
+
+    config: VLMConfig  # the fovea config the weights belong to
+    lm_config: dict[str, Any]  # the LLM's transformers config, as a dict
+    tokenizer: Any  # the LLM's tokenizer, with the image placeholder
+    state: dict[str, torch.Tensor]  # every weight, under fovea's names
+    source: str  # where it was read from, for error messages
+    instruction_tokenizer: Any = None  # a Q-Former's own tokenizer (InstructBLIP), if it has one
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")

@@ -7,13 +7,23 @@ tower, a two-layer GELU projector, and a causal LM.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fovea.config import ConnectorConfig, LMConfig, VisionConfig, VLMConfig
 from fovea.interop import register_converter
-from fovea.interop.common import load_tokenizer, preprocess_config, read_image_processor, read_license, read_state
-from fovea.model import VLM
+from fovea.interop.common import (
+    Converted,
+    load_tokenizer,
+    preprocess_config,
+    read_image_processor,
+    read_license,
+    read_state,
+)
+
+if TYPE_CHECKING:
+    from fovea.model import VLM
 
 # (fovea prefix, transformers FastVLM prefix)
 KEY_MAP = [
@@ -73,7 +83,7 @@ def fastvlm_peer(model: VLM, *, image_token_id: int | None = None):
 
 
 @register_converter("fast_vlm")
-def convert_fastvlm(path: Path, config: dict) -> VLM:
+def convert_fastvlm(path: Path, config: dict) -> Converted:
     """A directory written by ``FastVlmForConditionalGeneration.save_pretrained`` -> fovea's FastViTHD + MLP."""
     vision, text = dict(config.get("vision_config") or {}), dict(config.get("text_config") or {})
     arch = vision.get("architecture", "fastvit_mci3")
@@ -94,4 +104,4 @@ def convert_fastvlm(path: Path, config: dict) -> VLM:
         lm=LMConfig(name="local", path=str(path)), preprocess=pre, image_token=image_token,
         license=read_license(path),
     )
-    return VLM.assemble(fovea_config, text, tokenizer, from_fastvlm_state(read_state(path)), source=str(path))
+    return Converted(fovea_config, text, tokenizer, from_fastvlm_state(read_state(path)), source=str(path))

@@ -12,6 +12,7 @@ from pathlib import Path
 from fovea.config import CLIP_MEAN, CLIP_STD, ConnectorConfig, LMConfig, VLMConfig
 from fovea.interop import clip, register_converter
 from fovea.interop.common import (
+    Converted,
     load_tokenizer,
     preprocess_config,
     read_image_processor,
@@ -44,9 +45,7 @@ def _check_projector(config: dict) -> None:
 
 
 @register_converter("llava", "llava_next")
-def convert_llava(path: Path, config: dict):
-    from fovea.model import VLM
-
+def convert_llava(path: Path, config: dict) -> Converted:
     anyres = config["model_type"] == "llava_next"
     _check_projector(config)
     vision, text = dict(config.get("vision_config") or {}), dict(config.get("text_config") or {})
@@ -85,4 +84,4 @@ def convert_llava(path: Path, config: dict):
     out.update({f"lm.model.{k}": v for k, v in take(state, "model.language_model.").items()})
     out.update({f"lm.lm_head.{k}": v for k, v in take(state, "lm_head.").items()})
     out.update(state)  # anything left is unexpected, and assemble names it
-    return VLM.assemble(fovea_config, text, tokenizer, out, source=str(path))
+    return Converted(fovea_config, text, tokenizer, out, source=str(path))

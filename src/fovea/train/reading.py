@@ -29,6 +29,7 @@ from torch import nn
 
 from fovea.config import VisionConfig, settings_from_dict
 from fovea.data.reading import CHARSET, LAYOUTS, TextSample, check_fonts, decode_ids, encode_text, render_text
+from fovea.plotting import pyplot, save_figure
 from fovea.runtime import placement
 from fovea.vision import available_encoders, build_encoder
 
@@ -420,11 +421,7 @@ def export_checkpoint(run: str | Path, dest: str | Path) -> Path:
 
 
 def plot_reading_curve(result: ReadingResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot(range(1, len(result.losses) + 1), result.losses, lw=0.6)
     ax1.set(xlabel="step", ylabel="CTC loss", yscale="log", title="reading curriculum loss")
@@ -435,7 +432,5 @@ def plot_reading_curve(result: ReadingResult, path: Path) -> None:
             ax2.plot(minutes, [e.get(key, float("nan")) for e in result.evals], marker="o", label=label)
     ax2.set(xlabel="CPU-minutes", ylabel="held-out accuracy", ylim=(0, 1), title="held-out reading probe")
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 

@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fovea.checkpoint import save_model
 from fovea.config import settings_from_dict
+from fovea.data.records import encode_record, load_dataset, read_records, split_ids
 from fovea.packing import IGNORE_INDEX, pack
 from fovea.runtime import resolve_device, resolve_dtype
-from fovea.train.data import encode_record, load_dataset, read_records, split_ids
 
 STAGES = ("align", "finetune")
 
@@ -277,7 +278,7 @@ def exact_match(model, records, max_tokens: int) -> float:
 
 
 def plot_losses(losses: list[float], evals: list[dict], path: Path) -> None:
-    from fovea.bench.common import pyplot, save_figure
+    from fovea.plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -453,7 +454,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if main_process:
         if cfg.lora_rank:
             merge_lora(final_model)
-        final_model.save_pretrained(out / "final")
+        save_model(final_model, out / "final")
         result.final = out / "final"
         plot_losses(result.losses, result.evals, out / "loss.png")
         say(f"fovea train: wrote {out / 'final'} and {out / 'loss.png'}")
