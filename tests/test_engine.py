@@ -341,3 +341,32 @@ def test_slot_cache_attention_equals_per_sequence_softmax():
         expected = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ values).transpose(0, 1)  # (Lq,H,d)
         torch.testing.assert_close(out[row:row + new], expected, atol=1e-5, rtol=1e-5)
         row += new
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_incremental_detokenizer_equals_full_decode(seed):
+    """Token by token, the text equals decoding the whole sequence, including characters whose UTF-8 bytes are
+    split over several tokens (the byte tokenizer spells every non-ASCII character as 2-4 tokens)."""
+    from fovea.engine.detokenizer import Detokenizer
+    from fovea.lm import byte_tokenizer
+
+    tok = byte_tokenizer()
+    text = "Total: 1.250,00 € — Straße ✓ 日本 " * (seed + 1)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text)  # multi-token characters are in play
+    ids = ids[seed:]
+    detok = Detokenizer(tok)
+    pieces = [detok.add(t) for t in ids]
+    assert detok.text == "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in p for p in pieces)  # a split character is held back, never shown half-made
+
+
+def test_detokenizer_falls_back_to_full_decode_for_slow_tokenizers():
+    from fovea.engine.detokenizer import Detokenizer
+
+    class Slow:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    detok = Detokenizer(Slow())
+    assert [detok.add(i) for i in [0, 1, 2]] == ["a", "b", "c"] and detok.text == "abc"

@@ -6,6 +6,7 @@ N visual tokens in a batch.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -193,6 +194,26 @@ class VLM(nn.Module):
                 out[i] = self.connector.arrange(tokens[j], grid[-2:], *layouts[i]) if layouts else tokens[j]
         return out  # type: ignore[return-value]
 
+    def image_tokens(
+        self,
+        pixels: Sequence[torch.Tensor],
+        instructions: Sequence[torch.Tensor] | None = None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> list[torch.Tensor]:
+        """Visual tokens per image, [(3,H_i,W_i)] -> [(Q_i,D)]: encode, then compress. ``image_sizes``: each
+        image's original (h, w). ``timings``, when given, receives ``encode_s`` and ``compress_s`` (the engine
+        reports them per request)."""
+        if not pixels:
+            return []
+        t0 = time.perf_counter()
+        features = self.encode(pixels)
+        t1 = time.perf_counter()
+        tokens = self.compress(features, instructions, image_layouts(pixels, image_sizes))
+        if timings is not None:
+            timings["encode_s"], timings["compress_s"] = t1 - t0, time.perf_counter() - t1
+        return tokens
+
     def visual_tokens(
         self,
         pixels: Sequence[torch.Tensor],
@@ -202,7 +223,7 @@ class VLM(nn.Module):
         """All images' visual tokens in prompt order: (N, D). ``image_sizes``: each image's original (h, w)."""
         if not pixels:
             return torch.empty(0, self.lm.config.hidden_size, device=self.device, dtype=self.lm.dtype)
-        return torch.cat(self.compress(self.encode(pixels), instructions, image_layouts(pixels, image_sizes)), dim=0)
+        return torch.cat(self.image_tokens(pixels, instructions, image_sizes), dim=0)
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """Text embeddings with the visual tokens scattered over the placeholders: (..., L) -> (..., L, D)."""
