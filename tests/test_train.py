@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
 
 def _cfg(setup, out, **kw) -> TrainConfig:
     base = dict(data=str(setup / "data" / "data.json"), model=str(setup / "model"), out=str(out), steps=4,
-                batch_size=4, lr=2e-3, warmup_steps=1, eval_every=0, save_every=2, eval_samples=1,
+                batch_size=4, lr=2e-3, warmup_steps=0, eval_every=0, save_every=2, eval_samples=1,
                 eval_max_tokens=2, eval_fraction=0.0, threads=1)
     base.update(kw)
     return TrainConfig(**base)
@@ -197,6 +197,16 @@ def test_lora_finetune_trains_adapters_and_saves_a_plain_model(setup, tmp_path):
     base = _model(setup)
     changed = [k for k, v in model.lm.state_dict().items() if not torch.equal(v, base.lm.state_dict()[k])]
     assert any("q_proj" in k for k in changed) and not any("mlp" in k for k in changed)
+    # The unmerged adapters put back on the untrained LLM give the merged model's logits.
+    from peft import PeftModel
+
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        merged = model.lm(input_ids=ids).logits
+        untrained = base.lm(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base.lm, str(tmp_path / "lora" / "adapter")).eval()(input_ids=ids).logits
+    assert not torch.allclose(untrained, merged, atol=1e-4)
+    assert torch.allclose(adapted, merged, atol=1e-4)
 
 
 def _free_port() -> int:

@@ -31,6 +31,7 @@ from fovea.config import VisionConfig, settings_from_dict
 from fovea.data.reading import CHARSET, LAYOUTS, TextSample, check_fonts, decode_ids, encode_text, render_text
 from fovea.plotting import pyplot, save_figure
 from fovea.runtime import placement
+from fovea.train.trainer import lr_schedule
 from fovea.vision import available_encoders, build_encoder
 
 HELD_OUT_BASE = 1 << 62  # held-out seeds start here; training seeds stay below (see _train_seed)
@@ -270,13 +271,6 @@ def build_reader(cfg: ReadingConfig) -> Reader:
     return Reader(encoder, head)
 
 
-def _lr_factor(cfg: ReadingConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
 def _latest(out: Path) -> Path | None:
     folder = out / "checkpoints"
     if not folder.is_dir():
@@ -319,7 +313,7 @@ def train_reading(cfg: ReadingConfig, *, resume: bool = False, progress: bool = 
     cfg.check_stride(reader.encoder.stride)
     reader.to(place.device)
     optimizer = torch.optim.AdamW(reader.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(cfg, s))
+    scheduler = lr_schedule(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     out = Path(cfg.out)
     result, start = ReadingResult(), 0
     ckpt = _latest(out) if resume else None

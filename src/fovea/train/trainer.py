@@ -11,7 +11,6 @@ Notation: T tokens in a packed stream, V vocabulary.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -138,45 +137,46 @@ def _all_sum(value: float, device: torch.device) -> float:
 
 
 # ----- the freeze policy per stage ----------------------------------------------------------------------------------
-def configure_stage(model, cfg: TrainConfig) -> int:
-    """What trains in each stage, in one place; returns the trainable parameter count. align: connector only;
-    finetune: connector + LLM, or connector + LoRA adapters on the LLM (base weights frozen)."""
+def configure_stage(model, cfg: TrainConfig):
+    """What trains in each stage, in one place. align: connector only; finetune: connector + LLM, or connector +
+    LoRA adapters on the LLM (base weights frozen). Returns peft's ``LoraModel`` holding the adapters (it merges
+    or saves them at the end), or None without LoRA."""
     model.set_trainable(vision=False, connector=True, lm=cfg.stage == "finetune" and cfg.lora_rank == 0)
-    if cfg.stage == "finetune" and cfg.lora_rank > 0:
-        from peft import LoraConfig, inject_adapter_in_model
+    if cfg.stage != "finetune" or cfg.lora_rank == 0:
+        return None
+    from peft import LoraConfig, LoraModel
 
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
-                          lora_dropout=0.0, bias="none")
-        inject_adapter_in_model(lora, model.lm)
-        for name, p in model.lm.named_parameters():
-            p.requires_grad_("lora_" in name)
-        if not any(p.requires_grad for p in model.lm.parameters()):
-            raise ValueError(f"no LLM module matches lora_targets {list(cfg.lora_targets)}")
-    return model.num_trainable_parameters()
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
+                      lora_dropout=0.0, bias="none")
+    try:
+        tuner = LoraModel(model.lm, lora, "default")  # adapters injected into model.lm in place
+    except ValueError as err:
+        raise ValueError(f"no LLM module matches lora_targets {list(cfg.lora_targets)}: {err}") from None
+    for name, p in model.lm.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return tuner
 
 
-def merge_lora(model) -> None:
-    """Fold LoRA adapters into the LLM weights, so the saved model is a plain fovea model."""
-    from peft.tuners.lora import LoraLayer
+def save_adapter(tuner, path: Path) -> None:
+    """The LoRA adapters alone, unmerged, in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``):
+    a few MB that ``peft.PeftModel.from_pretrained(llm, path)`` puts back on the same base LLM."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
-    for module in list(model.lm.modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-    parents = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, LoraLayer)]
-    for name, layer in parents:
-        parent = model.lm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model.lm
-        setattr(parent, name.rsplit(".", 1)[-1], layer.get_base_layer())
+    path.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(tuner.model, adapter_name="default")
+    # peft names a saved adapter's weights from its PeftModel wrapper down: base_model (the LoraModel).model (the LLM)
+    save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
+              str(path / "adapter_model.safetensors"))
+    tuner.peft_config["default"].save_pretrained(str(path))
 
 
 # ----- schedule ---------------------------------------------------------------------------------------------------
-def lr_lambda(cfg: TrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, steps: int, min_lr_ratio: float):
+    """transformers' linear warm-up then cosine decay to ``lr * min_lr_ratio``."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    return f
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, steps, min_lr_rate=min_lr_ratio)
 
 
 def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -316,176 +316,235 @@ def _packed_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+class TrainRecipe:
+    """One training run, laid out as torchtune lays out a recipe: ``setup`` (processes, model and stage, data,
+    parallel wrapper, optimizer and schedule, resume), then per step ``train_step``, ``evaluate`` and ``save`` as
+    their intervals say, ``finish`` (the final model), ``cleanup``. ``run`` drives them."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+        cfg.validate()
+        self.cfg, self.resume, self.progress = cfg, resume, progress
+        self.out = Path(cfg.out)
+        self.bar = self.log = None
+        self.start = 0
+
+    # ----- setup ------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.rank, self.world, self.device = _dist_setup(cfg.device)
+        # bf16 autocast keeps fp32 master weights for what trains; the policy refuses bf16 where it is emulated.
+        low = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[cfg.precision]
+        self.bf16 = resolve_dtype(low, self.device) == torch.bfloat16
+        self.main = self.rank == 0
+        if cfg.batch_size % (self.world * cfg.grad_accum):
+            raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {self.world} processes x "
+                             f"grad_accum {cfg.grad_accum}")
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.model = _load_model(cfg, self.device)
+        self.lora = configure_stage(self.model, cfg)
+        trainable = self.model.num_trainable_parameters()
+        self.say(f"fovea train: stage {cfg.stage}{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}, "
+                 f"{trainable:,} trainable parameters of {sum(p.numel() for p in self.model.parameters()):,}, "
+                 f"{self.world} process(es)")
+        self._setup_data()
+        self.result = TrainResult(skipped=self.skipped, trainable_parameters=trainable)
+        self._setup_parallel()
+        # The optimizer is built on the wrapped model's parameters (FSDP2 replaces them with sharded ones).
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = lr_schedule(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        if self.resume:
+            self._resume()
+        self._setup_logging()
+
+    def say(self, text: str) -> None:
+        if self.main:
+            print(text, file=sys.stderr)
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        processor = self.model.processor()
+        data = load_dataset(cfg.data, processor, on_bad=cfg.on_bad, max_len=cfg.max_len, report=self.say)
+        samples = data.samples
+        if cfg.eval_data:
+            eval_records = read_records(cfg.eval_data)[: cfg.eval_samples]
+            for r in eval_records:  # reject a bad held-out record now rather than at the first evaluation
+                encode_record(r, processor)
+        else:  # held-out records were encoded with the rest: they are known good
+            train_ids, eval_ids = split_ids(samples, cfg.eval_fraction, cfg.seed)
+            eval_records = [data.records[i] for i in eval_ids][: cfg.eval_samples]
+            samples = [samples[i] for i in train_ids]
+        if not samples:
+            raise ValueError("no training samples left after holding out the evaluation share")
+        self.samples, self.eval_records, self.skipped = samples, eval_records, data.skipped
+        self.say(f"fovea train: {len(samples)} training samples, {len(eval_records)} held-out questions, "
+                 f"{len(data.skipped)} records skipped")
+
+    def _setup_parallel(self) -> None:
+        self.wrapped, self.fsdp = self.model, self.world > 1 and self.cfg.parallel == "fsdp"
+        if self.world == 1:
+            return
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.model.lm.model.layers:
+                fully_shard(layer)
+            fully_shard(self.model)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            self.say(f"fovea train: --resume found no complete checkpoint under {self.out / 'checkpoints'}; "
+                     "starting fresh")
+            return
+        self.start = _restore(ckpt, self.cfg, self.model, self.optimizer, self.scheduler, self.result, self.fsdp)
+        self.say(f"fovea train: resumed from {ckpt.name} (step {self.start})")
+
+    def _setup_logging(self) -> None:
+        if not self.main:
+            return
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.cfg.steps, initial=self.start, desc=f"train {self.cfg.stage}", unit="step",
+                            file=sys.stderr)
+        log_file = self.out / "log.jsonl"
+        if log_file.is_file():  # steps after the restored checkpoint run again: drop them
+            lines = log_file.read_text().splitlines()
+            log_file.write_text("".join(x + "\n" for x in lines if json.loads(x).get("step", 0) <= self.start))
+        self.log = open(log_file, "a")
+
+    # ----- the step ---------------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> float:
+        """One optimizer step over the step's global batch; the mean token loss."""
+        cfg, world, device = self.cfg, self.world, self.device
+        t0 = time.perf_counter()
+        per_rank = cfg.batch_size // world
+        mine = step_indices(step, cfg.batch_size, len(self.samples), cfg.seed)[self.rank * per_rank:
+                                                                                (self.rank + 1) * per_rank]
+        chunks = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
+        batches = [pack([self.samples[i] for i in c], image_token_id=self.model.image_token_id).to(device)
+                   for c in chunks]
+        total_labels = _all_sum(sum(int((b.labels[1:] != IGNORE_INDEX).sum()) for b in batches), device)
+        if total_labels == 0:
+            raise ValueError(f"step {step}: the batch has no answer tokens to learn from")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        loss_sum, tokens = 0.0, 0
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1 or world == 1 or cfg.parallel != "ddp"
+            with (nullcontext() if sync else self.wrapped.no_sync()), autocast:
+                loss = _packed_loss(self.wrapped, batch)
+            # DDP averages gradients over processes: scale so the result is the global per-token mean.
+            (loss * world / total_labels).backward()
+            loss_sum += float(loss.detach())
+            tokens += int(batch.input_ids.numel())
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = _all_sum(loss_sum, device) / total_labels
+        all_tokens, seconds = _all_sum(tokens, device), time.perf_counter() - t0
+        self.result.losses.append(step_loss)
+        if self.log:
+            self.log.write(json.dumps({"step": step + 1, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
+                                       "tokens": all_tokens, "seconds": seconds}) + "\n")
+            self.log.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{all_tokens / seconds:,.0f}")
+            self.bar.update(1)
+        return step_loss
+
+    def evaluate(self, done: int) -> None:
+        """Exact match on the held-out questions, on the first process (the others wait)."""
+        evaluated = _unsharded(self.model, self.optimizer, self.cfg, self.fsdp, self.main)[0] \
+            if self.eval_records else None
+        if self.main and self.eval_records:
+            em = exact_match(evaluated, self.eval_records, self.cfg.eval_max_tokens)
+            self.result.evals.append({"step": done, "exact_match": em, "n": len(self.eval_records)})
+            self.say(f"fovea train: step {done}: held-out exact match {em:.3f} ({len(self.eval_records)} questions)")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save(self, done: int) -> None:
+        state = _progress_state(done, self.result, self.cfg)
+        weights, optim_state = _gather(self.model, self.optimizer, self.fsdp)
+        if self.main:
+            save_checkpoint(self.out, done, weights, optim_state, self.scheduler, state, self.cfg.keep_last)
+            plot_losses(self.result.losses, self.result.evals, self.out / "loss.png")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def finish(self) -> None:
+        """The final model: ``final/`` (a plain fovea model, LoRA merged into the LLM) and, with LoRA, the
+        adapters unmerged in ``adapter/``."""
+        final_model, lora = _unsharded(self.model, self.optimizer, self.cfg, self.fsdp, self.main, self.lora)
+        if self.main:
+            if lora is not None:
+                save_adapter(lora, self.out / "adapter")
+                final_model.lm = lora.merge_and_unload()
+            save_model(final_model, self.out / "final")
+            self.result.final = self.out / "final"
+            plot_losses(self.result.losses, self.result.evals, self.out / "loss.png")
+            self.say(f"fovea train: wrote {self.out / 'final'} and {self.out / 'loss.png'}")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def cleanup(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log:
+            self.log.close()
+
+    def run(self, stop_after: int | None = None) -> TrainResult:
+        """``stop_after``: leave after this many steps, as a preempted job would (nothing final is written)."""
+        self.setup()
+        cfg = self.cfg
+        self.model.train()
+        try:
+            for step in range(self.start, cfg.steps):
+                if stop_after is not None and step - self.start >= stop_after:
+                    return self.result
+                self.train_step(step)
+                done = step + 1
+                if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                    self.evaluate(done)
+                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                    self.save(done)
+        finally:
+            self.cleanup()
+        self.finish()
+        return self.result
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> TrainResult:
     """Run the recipe. ``resume``: continue from the last complete checkpoint under ``cfg.out``. ``stop_after``:
     leave after this many steps in this session, as a preempted job would (nothing final is written)."""
-    cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rank, world, device = _dist_setup(cfg.device)
-    # bf16 autocast keeps fp32 master weights for what trains; the policy refuses bf16 where it would be emulated.
-    low = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[cfg.precision]
-    bf16 = resolve_dtype(low, device) == torch.bfloat16
-    main_process = rank == 0
-    say = (lambda s: print(s, file=sys.stderr)) if main_process else (lambda s: None)
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {world} processes x grad_accum "
-                         f"{cfg.grad_accum}")
-    out = Path(cfg.out)
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-
-    model = _load_model(cfg, device)
-    trainable = configure_stage(model, cfg)
-    say(f"fovea train: stage {cfg.stage}{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}, "
-        f"{trainable:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}, {world} process(es)")
-    processor = model.processor()
-    data = load_dataset(cfg.data, processor, on_bad=cfg.on_bad, max_len=cfg.max_len, report=say)
-    samples = data.samples
-    if cfg.eval_data:
-        eval_records = read_records(cfg.eval_data)[: cfg.eval_samples]
-        for r in eval_records:  # reject a bad held-out record now rather than at the first evaluation
-            encode_record(r, processor)
-    else:  # held-out records were encoded with the rest: they are known good
-        train_ids, eval_ids = split_ids(samples, cfg.eval_fraction, cfg.seed)
-        eval_records = [data.records[i] for i in eval_ids][: cfg.eval_samples]
-        samples = [samples[i] for i in train_ids]
-    if not samples:
-        raise ValueError("no training samples left after holding out the evaluation share")
-    say(f"fovea train: {len(samples)} training samples, {len(eval_records)} held-out questions, "
-        f"{len(data.skipped)} records skipped")
-
-    wrapped = model
-    fsdp = world > 1 and cfg.parallel == "fsdp"
-    if world > 1:
-        if fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.lm.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-        else:
-            from torch.nn.parallel import DistributedDataParallel
-
-            wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # The optimizer is built on the wrapped model's parameters (FSDP2 replaces them with sharded ones).
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    result = TrainResult(skipped=data.skipped, trainable_parameters=trainable)
-    start = 0
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            say(f"fovea train: --resume found no complete checkpoint under {out / 'checkpoints'}; starting fresh")
-        else:
-            start = _restore(ckpt, cfg, model, optimizer, scheduler, result, fsdp)
-            say(f"fovea train: resumed from {ckpt.name} (step {start})")
-
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-
-    model.train()
-    bar = None
-    if progress and main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", file=sys.stderr)
-    if main_process and (out / "log.jsonl").is_file():  # steps after the restored checkpoint run again: drop them
-        lines = (out / "log.jsonl").read_text().splitlines()
-        (out / "log.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x).get("step", 0) <= start))
-    log = open(out / "log.jsonl", "a") if main_process else None
-    per_rank = cfg.batch_size // world
-    try:
-        for step in range(start, cfg.steps):
-            if stop_after is not None and step - start >= stop_after:
-                return result
-            t0 = time.perf_counter()
-            mine = step_indices(step, cfg.batch_size, len(samples), cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
-            chunks = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
-            batches = [pack([samples[i] for i in c], image_token_id=model.image_token_id).to(device) for c in chunks]
-            local_labels = sum(int((b.labels[1:] != IGNORE_INDEX).sum()) for b in batches)
-            total_labels = _all_sum(local_labels, device)
-            if total_labels == 0:
-                raise ValueError(f"step {step}: the batch has no answer tokens to learn from")
-            loss_sum, tokens = 0.0, 0
-            for k, batch in enumerate(batches):
-                sync = k == len(batches) - 1 or world == 1 or cfg.parallel != "ddp"
-                with (nullcontext() if sync else wrapped.no_sync()), autocast():
-                    loss = _packed_loss(wrapped, batch)
-                # DDP averages gradients over processes: scale so the result is the global per-token mean.
-                (loss * world / total_labels).backward()
-                loss_sum += float(loss.detach())
-                tokens += int(batch.input_ids.numel())
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = _all_sum(loss_sum, device) / total_labels
-            all_tokens = _all_sum(tokens, device)
-            result.losses.append(step_loss)
-            seconds = time.perf_counter() - t0
-            done = step + 1
-            if log:
-                log.write(json.dumps({"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                                      "tokens": all_tokens, "seconds": seconds}) + "\n")
-                log.flush()
-            if bar is not None:
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{all_tokens / seconds:,.0f}")
-                bar.update(1)
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                evaluated = _unsharded(model, optimizer, cfg, fsdp, main_process) if eval_records else None
-                _evaluate(evaluated, eval_records, cfg, done, result, main_process, say)
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                state = _progress_state(done, result, cfg)
-                weights, optim_state = _gather(model, optimizer, fsdp)
-                if main_process:
-                    save_checkpoint(out, done, weights, optim_state, scheduler, state, cfg.keep_last)
-                    plot_losses(result.losses, result.evals, out / "loss.png")
-                if dist.is_initialized():
-                    dist.barrier()
-    finally:
-        if bar is not None:
-            bar.close()
-        if log:
-            log.close()
-    final_model = _unsharded(model, optimizer, cfg, fsdp, main_process)
-    if main_process:
-        if cfg.lora_rank:
-            merge_lora(final_model)
-        save_model(final_model, out / "final")
-        result.final = out / "final"
-        plot_losses(result.losses, result.evals, out / "loss.png")
-        say(f"fovea train: wrote {out / 'final'} and {out / 'loss.png'}")
-    if dist.is_initialized():
-        dist.barrier()
-    return result
+    return TrainRecipe(cfg, resume=resume, progress=progress).run(stop_after)
 
 
-def _unsharded(model, optimizer, cfg: TrainConfig, fsdp: bool, main_process: bool):
-    """The model as one process can run it: itself, or under FSDP an unsharded copy on the first process (every
-    process takes part in gathering the shards; the others get None)."""
+def _unsharded(model, optimizer, cfg: TrainConfig, fsdp: bool, main_process: bool, lora=None):
+    """The model as one process can run it, and its LoRA tuner: itself, or under FSDP an unsharded copy on the
+    first process (every process takes part in gathering the shards; the others get None)."""
     if not fsdp:
-        return model
+        return model, lora
     weights, _ = _gather(model, optimizer, fsdp)
     if not main_process:
-        return None
+        return None, None
     with torch.random.fork_rng(devices=[]):  # building the copy reseeds; the run's RNG stream must not move
         copy = _load_model(cfg, torch.device("cpu"))
-    configure_stage(copy, cfg)
+    copy_lora = configure_stage(copy, cfg)
     copy.load_state_dict(weights, strict=False)
-    return copy
-
-
-def _evaluate(model, records, cfg, step, result, main_process, say) -> None:
-    """Exact match on the held-out questions, on the first process (the others wait)."""
-    if main_process and records:
-        em = exact_match(model, records, cfg.eval_max_tokens)
-        result.evals.append({"step": step, "exact_match": em, "n": len(records)})
-        say(f"fovea train: step {step}: held-out exact match {em:.3f} ({len(records)} questions)")
-    if dist.is_initialized():
-        dist.barrier()
+    return copy, copy_lora
 
 
 def _progress_state(step: int, result: TrainResult, cfg: TrainConfig) -> dict:
