@@ -116,9 +116,8 @@ def _summary(model) -> list[str]:
     total = sum(p.numel() for p in model.parameters())
     return [
         f"encoder:    {cfg.vision.name}",
-        f"connector:  {cfg.connector.name}" + (f" ({cfg.connector.num_queries} tokens)"
-                                               if cfg.connector.name in ("perceiver", "qformer", "c_abstractor",
-                                                                         "avgpool") else ""),
+        f"connector:  {cfg.connector.name}" + (f" ({model.connector.budget} tokens)"
+                                               if model.connector.budget is not None else ""),
         f"LLM:        {model.lm.config.model_type}, {model.lm.config.num_hidden_layers} layers, width "
         f"{model.lm.config.hidden_size}",
         f"parameters: {total / 1e6:.1f} M",

@@ -46,6 +46,14 @@ def image_layouts(
 ENCODER_RUNTIMES = ("torch", "openvino")
 
 
+def add_image_token(lm: nn.Module, tokenizer: Any, image_token: str) -> None:
+    """Give the tokenizer the image placeholder if it lacks it, and the LLM an embedding row for every token."""
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False)
+    if lm.get_input_embeddings().num_embeddings < len(tokenizer):
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+
+
 class VLM(nn.Module):
     def __init__(
         self, config: VLMConfig, *, encoder: Encoder, connector: Connector, lm: nn.Module, tokenizer: Any,
@@ -55,7 +63,7 @@ class VLM(nn.Module):
         self.config, self.tokenizer = config, tokenizer
         # A Q-Former with its own vocabulary (InstructBLIP) reads instructions tokenized by its own tokenizer.
         self.instruction_tokenizer = instruction_tokenizer
-        if getattr(connector, "has_own_vocabulary", False) and instruction_tokenizer is None:
+        if connector.has_own_vocabulary and instruction_tokenizer is None:
             raise ValueError("this Q-Former has its own instruction vocabulary: pass its tokenizer as "
                              "instruction_tokenizer")
         self.encoder, self.connector, self.lm = encoder, connector, lm
@@ -76,11 +84,7 @@ class VLM(nn.Module):
         the LLM from its preset or directory; the image placeholder is added to the tokenizer if missing.
         ``instruction_tokenizer``: the tokenizer of a Q-Former with its own vocabulary (InstructBLIP's)."""
         lm, tokenizer = build_lm(config.lm)
-        if config.image_token not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]},
-                                         replace_extra_special_tokens=False)
-        if lm.get_input_embeddings().num_embeddings < len(tokenizer):
-            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        add_image_token(lm, tokenizer, config.image_token)
         encoder = build_encoder(config.vision)
         connector = build_connector(config.connector, in_channels=encoder.channels, out_dim=lm.config.hidden_size)
         return cls(config, encoder=encoder, connector=connector, lm=lm, tokenizer=tokenizer,
@@ -185,11 +189,11 @@ class VLM(nn.Module):
             text, mask, kw = None, None, {}
             if instructions and self.config.connector.instruction_aware:
                 ids, mask = self._instruction_ids([instructions[i] for i in idx])  # (b,L)
-                if getattr(self.connector, "has_own_vocabulary", False):
+                if self.connector.has_own_vocabulary:
                     kw["text_ids"] = ids
                 else:
                     text = self.lm.get_input_embeddings()(ids).to(self.connector_dtype)  # (b,L,D)
-            tokens = self.connector(feats, tuple(feats.shape[-2:]), text, mask, **kw)  # (b,Q,D)
+            tokens = self.connector(feats, text, mask, **kw)  # (b,Q,D)
             for j, i in enumerate(idx):
                 out[i] = self.connector.arrange(tokens[j], grid[-2:], *layouts[i]) if layouts else tokens[j]
         return out  # type: ignore[return-value]

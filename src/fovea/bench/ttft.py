@@ -42,7 +42,7 @@ from fovea.config import (
 from fovea.connectors import build_connector
 from fovea.data.synth import render_contract
 from fovea.lm import build_lm, smollm2_dir
-from fovea.model import VLM
+from fovea.model import VLM, add_image_token
 from fovea.plotting import pyplot, save_figure
 from fovea.preprocess import grid_pinpoints
 from fovea.runtime import dtype_name, placement
@@ -95,17 +95,13 @@ def build_layout_model(layout: Layout, lm, tokenizer, encoders: dict) -> VLM:
     )
     key = repr(layout.vision)
     if key not in encoders:
-        encoders[key] = build_encoder(layout.vision).eval()
-        encoders[key].reparameterize()
-    encoder = encoders[key]
-    if config.image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]},
-                                     replace_extra_special_tokens=False)
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        encoder = build_encoder(layout.vision).eval()
+        encoders[key] = (encoder, encoder.reparameterize())  # the fused encoder and the overrides that rebuild it
+    encoder, fused = encoders[key]
+    add_image_token(lm, tokenizer, config.image_token)
     connector = build_connector(config.connector, in_channels=encoder.channels, out_dim=lm.config.hidden_size)
     model = VLM(config, encoder=encoder, connector=connector.eval(), lm=lm, tokenizer=tokenizer).eval()
-    if layout.vision.name == "fastvithd":
-        model.config.vision.overrides.update({"inference_mode": True})
+    model.config.vision.overrides.update(fused)
     return model
 
 

@@ -52,8 +52,8 @@ class CAbstractor(Connector):
         self.stage2 = nn.Sequential(*(ResBlock(in_dim=dim, out_dim=dim) for _ in range(depth)))
         self.readout = nn.Sequential(nn.Linear(dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
-    def forward(self, features, grid=None, text_embeds=None, text_mask=None):
-        check_features(features, self.in_channels, grid)
+    def forward(self, features, text_embeds=None, text_mask=None):
+        check_features(features, self.in_channels)
         b, c, h, w = features.shape
         if self.position_encoding:
             pos = sincos_2d(h, w, c, device=features.device, dtype=features.dtype)  # (h*w,C)
@@ -61,8 +61,12 @@ class CAbstractor(Connector):
         x = self.stage2(self.pool(self.stage1(features)))  # (B,C,h,w) -> (B,E,h,w) -> (B,E,qh,qw)
         return self.readout(x.flatten(2).transpose(1, 2))  # (B,E,qh,qw) -> (B,Q,E) -> (B,Q,D)
 
-    def num_output_tokens(self, h: int, w: int) -> int:
+    @property
+    def budget(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    def num_output_tokens(self, h: int, w: int) -> int:
+        return self.budget
 
 
 @register_connector("c_abstractor")

@@ -23,10 +23,16 @@ class Connector(nn.Module):
     the grid. ``text_embeds`` (B,L,D) is the instruction, used only by instruction-aware connectors.
     """
 
+    # A Q-Former with its own instruction vocabulary (InstructBLIP's) reads ``text_ids`` in that vocabulary, tokenized
+    # by its own tokenizer, instead of the LLM's ``text_embeds``.
+    has_own_vocabulary: bool = False
+    # Tokens per image whatever the grid, for compressors (Perceiver, Q-Former, C-Abstractor, pooling); None for
+    # connectors that give one token per feature cell.
+    budget: int | None = None
+
     def forward(
         self,
         features: torch.Tensor,
-        grid: tuple[int, int] | None = None,
         text_embeds: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -50,11 +56,9 @@ class Connector(nn.Module):
         return tokens
 
 
-def check_features(features: torch.Tensor, channels: int, grid: tuple[int, int] | None) -> None:
+def check_features(features: torch.Tensor, channels: int) -> None:
     if features.ndim != 4 or features.shape[1] != channels:
         raise ValueError(f"connector expects features (B, {channels}, h, w), got {tuple(features.shape)}")
-    if grid is not None and tuple(grid) != tuple(features.shape[-2:]):
-        raise ValueError(f"grid {tuple(grid)} does not match the feature map {tuple(features.shape[-2:])}")
 
 
 def budget_grid(num_queries: int, grid: tuple[int, int] | None) -> tuple[int, int]:

@@ -23,8 +23,8 @@ class Linear(Connector):
         self.in_channels = in_channels
         self.proj = nn.Linear(in_channels, out_dim)
 
-    def forward(self, features, grid=None, text_embeds=None, text_mask=None):
-        check_features(features, self.in_channels, grid)
+    def forward(self, features, text_embeds=None, text_mask=None):
+        check_features(features, self.in_channels)
         return self.proj(features.flatten(2).transpose(1, 2))  # (B,C,h,w) -> (B,h*w,C) -> (B,h*w,D)
 
     def num_output_tokens(self, h: int, w: int) -> int:
@@ -40,8 +40,8 @@ class MLP(Connector):
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, out_dim)
 
-    def forward(self, features, grid=None, text_embeds=None, text_mask=None):
-        check_features(features, self.in_channels, grid)
+    def forward(self, features, text_embeds=None, text_mask=None):
+        check_features(features, self.in_channels)
         tokens = features.flatten(2).transpose(1, 2)  # (B,C,h,w) -> (B,h*w,C)
         return self.fc2(F.gelu(self.fc1(tokens)))  # (B,h*w,D)
 
@@ -58,13 +58,17 @@ class AvgPool(Connector):
         self.grid = grid
         self.mlp = MLP(in_channels=in_channels, hidden=hidden, out_dim=out_dim)
 
-    def forward(self, features, grid=None, text_embeds=None, text_mask=None):
-        check_features(features, self.in_channels, grid)
+    def forward(self, features, text_embeds=None, text_mask=None):
+        check_features(features, self.in_channels)
         pooled = F.adaptive_avg_pool2d(features, self.grid)  # (B,C,h,w) -> (B,C,qh,qw)
         return self.mlp(pooled)  # (B,Q,D)
 
-    def num_output_tokens(self, h: int, w: int) -> int:
+    @property
+    def budget(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    def num_output_tokens(self, h: int, w: int) -> int:
+        return self.budget
 
 
 class LlavaNext(MLP):

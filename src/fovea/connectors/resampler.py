@@ -76,13 +76,17 @@ class PerceiverResampler(Connector):
         self.norm = nn.LayerNorm(dim)
         self.proj_out = nn.Linear(dim, out_dim)
 
-    def forward(self, features, grid=None, text_embeds=None, text_mask=None):
-        check_features(features, self.in_channels, grid)
+    def forward(self, features, text_embeds=None, text_mask=None):
+        check_features(features, self.in_channels)
         media = self.proj_in(_image_tokens(features, self.position_encoding))  # (B,N,C) -> (B,N,E)
         latents = self.latents.expand(features.shape[0], -1, -1)  # (Q,E) -> (B,Q,E)
         for layer in self.layers:
             latents = layer(media, latents)
         return self.proj_out(self.norm(latents))  # (B,Q,E) -> (B,Q,D)
+
+    @property
+    def budget(self) -> int:
+        return self.num_queries
 
     def num_output_tokens(self, h: int, w: int) -> int:
         return self.num_queries
@@ -184,14 +188,14 @@ class QFormer(Connector):
     def has_own_vocabulary(self) -> bool:
         return self.word_embeddings is not None
 
-    def forward(self, features, grid=None, text_embeds=None, text_mask=None, text_ids=None):
+    def forward(self, features, text_embeds=None, text_mask=None, text_ids=None):
         """``text_embeds`` (B,L,D) LLM embeddings of the instruction, or ``text_ids`` (B,L) in the Q-Former's own
         vocabulary; ``text_mask`` (B,L) marks real tokens."""
-        return self.proj_out(self.query_states(features, grid, text_embeds, text_mask, text_ids))  # (B,Q,D)
+        return self.proj_out(self.query_states(features, text_embeds, text_mask, text_ids))  # (B,Q,D)
 
-    def query_states(self, features, grid=None, text_embeds=None, text_mask=None, text_ids=None) -> torch.Tensor:
+    def query_states(self, features, text_embeds=None, text_mask=None, text_ids=None) -> torch.Tensor:
         """The queries' last hidden states before the LLM projection, (B,Q,E): BLIP-2's ``query_output``."""
-        check_features(features, self.in_channels, grid)
+        check_features(features, self.in_channels)
         b = features.shape[0]
         image = self.image_norm(_image_tokens(features, self.position_encoding))  # (B,N,C)
         x = self.query_tokens.expand(b, -1, -1)  # (B,Q,E)
@@ -232,6 +236,10 @@ class QFormer(Connector):
         if text_embeds.ndim != 3 or text_embeds.shape[0] != b:
             raise ValueError(f"instruction embeddings must be (B={b}, L, D), got {tuple(text_embeds.shape)}")
         return self.text_proj(text_embeds)  # (B,L,D) -> (B,L,E)
+
+    @property
+    def budget(self) -> int:
+        return self.num_queries
 
     def num_output_tokens(self, h: int, w: int) -> int:
         return self.num_queries

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fovea.config import PreprocessConfig
-from fovea.preprocess.image import load_image, to_tensor
+from fovea.preprocess.image import load_image
 
 
 @dataclass
@@ -45,10 +45,7 @@ class ImageProcessor:
             args = (img.height, img.width, self.cfg.max_side, self.cfg.upscale)
             content = self.encoder.resized_content(*args)
             size = self.encoder.input_size(*args)
-        if hasattr(self.encoder, "compose"):  # encoders with their own input layout (AnyRes tiles + base view)
-            pixels = self.encoder.compose(img, content, self.cfg)
-        else:
-            pixels = to_tensor(img, content=content, size=size, cfg=self.cfg)
+        pixels = self.encoder.compose(img, content, size, self.cfg)  # the encoder's own input layout
         return PreparedImage(pixels=pixels, original_size=original, content_size=content)
 
     def _square_side(self) -> int:

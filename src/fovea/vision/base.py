@@ -70,6 +70,13 @@ class Encoder(nn.Module):
         h, w = max(1, round(height * scale)), max(1, round(width * scale))
         return _round_up(h, self.stride), _round_up(w, self.stride)
 
+    def compose(self, image, content: tuple[int, int], size: tuple[int, int], cfg) -> torch.Tensor:
+        """The input tensor (3,H,W) for one decoded image: resized to ``content`` and padded to ``size``. Encoders
+        with their own input layout (AnyRes tiles plus a base view) override it."""
+        from fovea.preprocess.image import to_tensor
+
+        return to_tensor(image, content=content, size=size, cfg=cfg)
+
     def resized_content(self, height: int, width: int, max_side: int, upscale: bool = False) -> tuple[int, int]:
         """Size the image content is resized to before padding up to ``input_size``."""
         scale = max_side / max(height, width)

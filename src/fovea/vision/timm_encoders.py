@@ -130,8 +130,9 @@ class TiledViT(Encoder):
         scale = min(th / height, tw / width)
         return min(th, math.ceil(height * scale)), min(tw, math.ceil(width * scale))
 
-    def compose(self, image, content: tuple[int, int], cfg) -> torch.Tensor:
-        """The input tensor for one decoded image: the padded canvas, then the base-view row."""
+    def compose(self, image, content: tuple[int, int], size: tuple[int, int], cfg) -> torch.Tensor:
+        """The input tensor for one decoded image: the padded canvas (``size`` is the canvas), then the base-view
+        row."""
         from fovea.preprocess.image import to_tensor
 
         canvas = self.canvas_size(image.height, image.width)
