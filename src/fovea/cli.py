@@ -227,39 +227,27 @@ def cmd_eval_ocr(reader: str, lines: int, blocks: int, peer: bool, out: str | No
 
 
 def _dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
-    """One --flag per field of a settings dataclass (default None: unset flags leave the YAML/default value)."""
+    """One --flag per field of a settings dataclass, its help the field's comment and its default, its allowed
+    values from the class's ``CHOICES`` (default None: unset flags leave the YAML/default value)."""
     import dataclasses
 
+    from fovea.config import field_comments
+
+    comments, choices = field_comments(cls), getattr(cls, "CHOICES", {})
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
-        elif isinstance(f.default, tuple):
-            kind = int if f.default and isinstance(f.default[0], int) else str
-            p.add_argument(flag, type=kind, nargs="+", default=None, help=f"(default {' '.join(map(str, f.default))})")
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            p.add_argument(flag, nargs="+", default=None)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        text = f"{comments.get(f.name, '')} (default: {shown})".strip()
+        if isinstance(default, bool):
+            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None, metavar="BOOL",
+                           help=text)
+        elif isinstance(default, tuple) or f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            kind = int if default and isinstance(default[0], int) else str
+            p.add_argument(flag, type=kind, nargs="+", default=None, help=text)
         else:
-            kind = type(f.default) if f.default is not None else str
-            kind = int if f.name == "threads" else kind
-            p.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
-
-
-def _train_flags(p: argparse.ArgumentParser) -> None:
-    import dataclasses
-
-    from fovea.train.trainer import TrainConfig
-
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "lora_targets":
-            p.add_argument(flag, nargs="+", default=None, help="LLM module names that get LoRA adapters")
-        elif isinstance(f.default, bool):
-            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
-        else:
-            kind = type(f.default) if f.default is not None and f.name != "eval_data" else str
-            kind = int if f.name == "threads" else kind
-            p.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
+            kind = type(default) if default is not None else (int if "int" in str(f.type) else str)
+            p.add_argument(flag, type=kind, default=None, choices=choices.get(f.name), help=text)
 
 
 def add_placement_args(p: argparse.ArgumentParser, threads: bool = True) -> None:
@@ -271,40 +259,42 @@ def add_placement_args(p: argparse.ArgumentParser, threads: bool = True) -> None
         p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, the cores)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fovea", description="Fast vision-language models for high-resolution "
-                                     "documents.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="fovea model directory or preset (default fastvithd-qformer-64)")
+    p.add_argument("--llm", default=None, help="LLM for a preset (default: smollm2 if fetched, else its shape)")
+    p.add_argument("--max-len", type=int, default=2048, help="context length per request (prompt + answer)")
+    add_placement_args(p)
+    p.add_argument("--encoder-runtime", default="torch", choices=["torch", "openvino"],
+                   help="run the encoder in torch, or OpenVINO on the CPU (fovea-vlm[openvino]; compiles once "
+                   "per page size, 1.25-1.3x faster per page after that)")
 
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     p.add_argument("--max-side", type=int, default=1536, help="long side of the FastViTHD input in pixels")
     p.add_argument("--llm", default="auto", help="LLM preset or 'smollm2'; auto = SmolLM2 if fetched, else its shape")
     add_placement_args(p)
     p.set_defaults(run=lambda a: cmd_demo(a.max_side, a.llm, a.threads, a.device, a.dtype))
 
+
+def _add_fetch_llm(sub) -> None:
     p = sub.add_parser("fetch-llm", help=cmd_fetch_llm.__doc__, description=cmd_fetch_llm.__doc__)
     p.add_argument("name", choices=["smollm2"], help="which LLM")
     p.add_argument("--out", default=None, help="target directory (default: ~/.cache/fovea/<name>)")
     p.add_argument("--force", action="store_true", help="convert again even if the directory exists")
     p.set_defaults(run=lambda a: cmd_fetch_llm(a.name, a.out, a.force))
 
-    def add_model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=None, help="fovea model directory or preset (default fastvithd-qformer-64)")
-        p.add_argument("--llm", default=None, help="LLM for a preset (default: smollm2 if fetched, else its shape)")
-        p.add_argument("--max-len", type=int, default=2048, help="context length per request (prompt + answer)")
-        add_placement_args(p)
-        p.add_argument("--encoder-runtime", default="torch", choices=["torch", "openvino"],
-                       help="run the encoder in torch, or OpenVINO on the CPU (fovea-vlm[openvino]; compiles once "
-                       "per page size, 1.25-1.3x faster per page after that)")
 
-    def add_sampling_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most")
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-        p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-        p.add_argument("--seed", type=int, default=None, help="sampling seed")
-        p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-
+def _add_ask(sub) -> None:
     p = sub.add_parser("ask", help=cmd_ask.__doc__, description=cmd_ask.__doc__)
     p.add_argument("image", help="image file (PNG, JPEG, ...)")
     p.add_argument("question", help="what to ask about it")
@@ -313,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(run=lambda a: cmd_ask(a.image, a.question, a.model, a.stream, a))
 
+
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -334,10 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
     p.set_defaults(run=lambda a: cmd_serve(a.model, a.host, a.port, a))
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
     p.add_argument("model", nargs="?", help="a fovea or transformers model directory to describe")
     p.set_defaults(run=lambda a: cmd_info(a.model))
 
+
+def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
     p.add_argument("out", help="output folder")
     p.add_argument("--pages", type=int, default=100, help="pages to render (kinds in turn)")
@@ -346,14 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=3, help="questions per page")
     p.set_defaults(run=lambda a: cmd_synth(a.out, a.pages, a.seed, a.size, a.questions))
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     p.add_argument("config", nargs="?", help="YAML file of training settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
-    _train_flags(p)
+    from fovea.train.trainer import TrainConfig
+
+    _dataclass_flags(p, TrainConfig)
     p.set_defaults(run=lambda a: cmd_train(a.config, a.resume, {
         k: (tuple(v) if k == "lora_targets" and v else v) for k, v in vars(a).items()
         if k not in ("config", "resume", "run", "command")}))
 
+
+def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help=cmd_pretrain.__doc__, description=cmd_pretrain.__doc__)
     p.add_argument("config", nargs="?", help="YAML file of reading-curriculum settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
@@ -363,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: cmd_pretrain(a.config, a.resume, {
         k: v for k, v in vars(a).items() if k not in ("config", "resume", "run", "command")}))
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy evaluations", description="accuracy evaluations")
     ev = p.add_subparsers(dest="evaluation", required=True)
     p = ev.add_parser("ocr", help=cmd_eval_ocr.__doc__, description=cmd_eval_ocr.__doc__)
@@ -376,15 +380,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: cmd_eval_ocr(a.reader or _bundled_reader(), a.lines, a.blocks, a.peer, a.out,
                                               a.threads))
 
+
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
     p.add_argument("src", help="directory written by transformers save_pretrained (with its tokenizer)")
     p.add_argument("dst", help="output fovea model directory (written atomically)")
     p.set_defaults(run=lambda a: cmd_convert(a.src, a.dst))
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fovea", description="Fast vision-language models for high-resolution "
+                                     "documents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_fetch_llm(sub)
+    _add_ask(sub)
+    _add_serve(sub)
+    _add_info(sub)
+    _add_synth(sub)
+    _add_train(sub)
+    _add_pretrain(sub)
+    _add_eval(sub)
+    _add_convert(sub)
     from fovea.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
-
     return parser
 
 

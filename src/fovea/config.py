@@ -169,6 +169,23 @@ def settings_from_dict(cls, data: dict[str, Any], what: str, tuple_keys: tuple[s
     return cls(**data)
 
 
+def field_comments(cls) -> dict[str, str]:
+    """The comment written after each field of a settings dataclass (one per field, by convention): the text of
+    its ``--flag``'s help, so the CLI and the code cannot disagree."""
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*?\s#\s*(.*)$")
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            for line in inspect.getsource(klass).splitlines():
+                match = pattern.match(line)
+                if match:
+                    out[match.group(1)] = match.group(2)
+    return out
+
+
 def preset(name: str) -> VLMConfig:
     """A fresh copy of a named preset."""
     if name not in PRESETS:

@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -67,11 +67,17 @@ class TrainConfig:
     parallel: str = "ddp"  # with several processes: ddp, or fsdp (FSDP2 fully_shard)
     threads: int | None = None  # torch threads per process (default: torch's choice)
 
+    # Allowed values of the settings that have a fixed set (checked by validate, listed by --help).
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "stage": STAGES, "precision": ("auto", "fp32", "bf16"), "parallel": ("ddp", "fsdp"), "on_bad": ("stop", "skip"),
+    }
+
     def validate(self) -> None:
         if not self.data:
             raise ValueError("no training data: set data (a LLaVA JSON or messages JSONL file)")
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.lora_rank and self.stage != "finetune":
             raise ValueError("lora_rank applies to stage 'finetune' only (align trains the connector alone)")
         for name in ("steps", "batch_size", "grad_accum", "max_len"):
@@ -79,10 +85,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.lora_rank < 0 or self.keep_last < 1:
             raise ValueError("lr must be > 0, lora_rank >= 0 and keep_last >= 1")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
