@@ -66,7 +66,7 @@ def test_ttft_bench_with_transformers_peers(tmp_path):
 
     fast = tiny_config("fastvithd").vision
     layouts = [
-        Layout("ViT-L/14 AnyRes + MLP", tiny_config("vit-l14-336-anyres").vision, "mlp", tags=["vit"]),
+        Layout("ViT-L/14 AnyRes + MLP", tiny_config("vit-l14-336-anyres").vision, "llava_next", tags=["vit"]),
         Layout("FastViTHD + MLP (FastVLM)", fast, "mlp", max_side=256, tags=["fastvlm"]),
         Layout("FastViTHD + perceiver 256", fast, "perceiver", 256, max_side=256, tags=["compressor"]),
         Layout("FastViTHD + qformer 64", fast, "qformer", 64, max_side=256, tags=["compressor"]),
@@ -81,6 +81,9 @@ def test_ttft_bench_with_transformers_peers(tmp_path):
     assert rows["FastViTHD + MLP (FastVLM)"]["visual_tokens"] == 4 * 3  # 256x192 input, stride 64
     assert rows["FastViTHD + perceiver 256"]["visual_tokens"] == 256
     assert rows["FastViTHD + qformer 64"]["visual_tokens"] == 64
+    # LLaVA-NeXT's layout (its count is held to transformers' in test_interop): the base view's 2x2 cells, then
+    # the 4x4 crop grid (a 4:3 page keeps all four rows here), each row closed by a newline token.
+    assert rows["ViT-L/14 AnyRes + MLP"]["visual_tokens"] == 2 * 2 + 4 * (4 + 1)
     for r in rows.values():
         assert r["ttft_s"] > 0
     # Same weights, same pixels, same prompt: transformers' FastVLM picks the same first token as fovea.

@@ -147,7 +147,7 @@ PRESETS = {
     "fastvithd-perceiver-256": _preset("fastvithd", "perceiver", 256, max_side=1536),
     "fastvithd-qformer-64": _preset("fastvithd", "qformer", 64, max_side=1536),
     "fastvithd-cabstractor-256": _preset("fastvithd", "c_abstractor", 256, max_side=1536),
-    "llava-next": _preset("vit-l14-336-anyres", "mlp", max_side=1008),  # LLaVA-NeXT layout: AnyRes tiles + MLP
+    "llava-next": _preset("vit-l14-336-anyres", "llava_next", max_side=1008),  # LLaVA-NeXT: AnyRes tiles, MLP, unpad
     "llava": _preset("vit-l14-336", "mlp", max_side=336),  # LLaVA-1.5 layout: one 336 px view + MLP
     # fovea's pretrained reading encoder (bundled weights) + an instruction-aware Q-Former of 64 / 256 queries
     "reader-qformer-64": _reader_preset("qformer", 64),

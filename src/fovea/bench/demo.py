@@ -32,7 +32,7 @@ class DemoRow:
 def demo_layouts(max_side: int) -> list[Layout]:
     fast = VisionConfig(name="fastvithd")
     return [
-        Layout("ViT-L/14 AnyRes + MLP (LLaVA-NeXT)", VisionConfig(name="vit-l14-336-anyres"), "mlp"),
+        Layout("ViT-L/14 AnyRes + MLP (LLaVA-NeXT)", VisionConfig(name="vit-l14-336-anyres"), "llava_next"),
         Layout("FastViTHD + MLP (FastVLM)", fast, "mlp", max_side=max_side),
         Layout("FastViTHD + Perceiver, 256 tokens", fast, "perceiver", 256, max_side=max_side),
         Layout("FastViTHD + Q-Former, 64 tokens", fast, "qformer", 64, max_side=max_side),

@@ -100,7 +100,8 @@ def _clients(requests: list[dict], concurrency: int, handle: Callable[[dict], tu
 
 def _prepare(model: VLM, r: dict) -> torch.Tensor:
     prompt = model.processor()(r["messages"], r["images"])
-    visual = model.visual_tokens([p.pixels for p in prompt.images])
+    sizes = [p.original_size for p in prompt.images]
+    visual = model.visual_tokens([p.pixels for p in prompt.images], image_sizes=sizes)
     return model.embed(prompt.input_ids.to(model.device), visual)  # (L,D)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fovea.bench.common import sync
-from fovea.model import VLM
+from fovea.model import VLM, image_layouts
 
 
 @dataclass
@@ -50,7 +50,9 @@ def first_token(
     if features is None:
         features = model.encode([img.pixels for img in prompt.images])  # [(C,h,w)]
     t2 = _now()
-    visual = model.compress(features, prompt.instructions if model.config.connector.instruction_aware else None)
+    pixels = [img.pixels for img in prompt.images]
+    layouts = image_layouts(pixels, [img.original_size for img in prompt.images])
+    visual = model.compress(features, prompt.instructions, layouts)
     t3 = _now()
     embeds = model.embed(prompt.input_ids[None].to(model.device), torch.cat(visual))  # (1,L,D)
     out = model.lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)

@@ -42,7 +42,7 @@ from fovea.config import (
 from fovea.connectors import build_connector
 from fovea.data.synth import render_contract
 from fovea.lm import build_lm, smollm2_dir
-from fovea.model import VLM, add_image_token
+from fovea.model import VLM, add_image_token, image_layouts
 from fovea.plotting import pyplot, save_figure
 from fovea.preprocess import grid_pinpoints
 from fovea.runtime import dtype_name, placement
@@ -66,11 +66,11 @@ def default_layouts(quick: bool, max_side: int) -> list[Layout]:
     wide = VisionConfig(name="vit-l14-336-anyres", pinpoints=grid_pinpoints(336, 4))
     fast = VisionConfig(name="fastvithd")
     layouts = [
-        Layout("ViT-L/14 AnyRes (LLaVA-NeXT grid) + MLP", std, "mlp", tags=["vit"]),
+        Layout("ViT-L/14 AnyRes (LLaVA-NeXT grid) + MLP", std, "llava_next", tags=["vit"]),
         Layout("FastViTHD + MLP (FastVLM)", fast, "mlp", max_side=max_side, tags=["fastvlm"]),
     ]
     if not quick:
-        layouts.insert(1, Layout("ViT-L/14 AnyRes (4x4 grid) + MLP", wide, "mlp", tags=["vit"]))
+        layouts.insert(1, Layout("ViT-L/14 AnyRes (4x4 grid) + MLP", wide, "llava_next", tags=["vit"]))
     budgets = (64, 256) if quick else (64, 128, 256)
     connectors = ("perceiver", "qformer") if quick else ("perceiver", "qformer", "c_abstractor", "avgpool")
     for name in connectors:
@@ -111,7 +111,8 @@ def layout_flops(model: VLM, page) -> float:
     prompt = model.processor()(messages, [page])
 
     def run():
-        visual = torch.cat(model.compress(model.encode([img.pixels for img in prompt.images])))
+        visual = model.visual_tokens([img.pixels for img in prompt.images],
+                                     image_sizes=[img.original_size for img in prompt.images])
         model.lm(inputs_embeds=model.embed(prompt.input_ids[None].to(model.device), visual), use_cache=True,
                  logits_to_keep=1)
 
@@ -142,8 +143,9 @@ def measure_layout(model: VLM, page, *, features_cache: dict, warmup: int, repea
 
         features_cache[cache_key] = (time_adaptive(encode, **kw), box["f"])
     enc, feats = features_cache[cache_key]
-    comp = time_adaptive(lambda: model.compress(feats), **kw)
-    visual = torch.cat(model.compress(feats))
+    layouts = image_layouts(pixels, [img.original_size for img in prompt.images])
+    comp = time_adaptive(lambda: model.compress(feats, layouts=layouts), **kw)
+    visual = torch.cat(model.compress(feats, layouts=layouts))
     ids = prompt.input_ids[None].to(model.device)
     token_box: dict[str, int] = {}
 
