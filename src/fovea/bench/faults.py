@@ -143,6 +143,13 @@ def run_fault_check(base: str, *, api_key: str | None = None, honest: int = 64, 
         burst_status = list(pool.map(honest_request, range(burst)))
     after = _post(chat, good, headers, timeout).status_code  # the server still serves
     rss_after = _rss_mb(server_pid)
+    return _report(cases, outcomes, half_status, honest_status, burst_status, after == 200, latencies,
+                   {"before": rss_before, "after": rss_after})
+
+
+def _report(cases, outcomes: dict[str, list[int]], half_status: list[int], honest_status: list[int],
+            burst_status: list[int], still_serving: bool, latencies: list[float], rss: dict) -> dict[str, Any]:
+    """What each attack got against what it should get, and whether any honest request was lost."""
     expected = {name: ok for name, _, ok in cases}
     report = {
         "cases": {name: {"statuses": statuses, "expected": sorted(expected[name]),
@@ -152,9 +159,9 @@ def run_fault_check(base: str, *, api_key: str | None = None, honest: int = 64, 
                    "lost": sum(s not in (200, 429) for s in honest_status)},
         "burst": {"answered": burst_status.count(200), "refused_429": burst_status.count(429),
                   "lost": sum(s not in (200, 429) for s in burst_status)},
-        "still_serving": after == 200,
+        "still_serving": still_serving,
         "latency_s": _percentiles(latencies),
-        "rss_mb": {"before": rss_before, "after": rss_after},
+        "rss_mb": rss,
     }
     report["ok"] = (all(c["ok"] for c in report["cases"].values()) and report["half_sent"]["ok"]
                     and report["honest"]["lost"] == 0 and report["burst"]["lost"] == 0 and report["still_serving"])

@@ -247,6 +247,46 @@ def measure_llava_next_peer(lm, tokenizer, page, pinpoints, *, warmup: int, repe
     return {**timing.to_dict(), "ttft_s": timing.median_s, "prompt_tokens": box["tokens"]}
 
 
+def _llm_rows(label: str, lm, tokenizer, layouts: list[Layout], page, place, rate: float, encoders: dict,
+              features_cache: dict, *, peers: bool, warmup: int, repeats: int, budget_s: float,
+              llava_vision: dict | None, llava_pinpoints, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every layout around one LLM, each followed by its transformers peer where it has one."""
+    rows = []
+    for i, layout in enumerate(layouts, start=1):
+        progress(f"[bench ttft] {label}: {i}/{len(layouts)} {layout.label} ...")
+        model = build_layout_model(layout, lm, tokenizer, encoders).place(place.device, place.dtype)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            row, token = measure_layout(model, page, features_cache=features_cache, warmup=warmup, repeats=repeats,
+                                        budget_s=budget_s, cache_key=f"{layout.vision!r}@{layout.max_side}")
+        row["limit_s"] = layout_flops(model, page) / 1e9 / rate
+        sync()
+        row.update(layout=layout.label, tags=layout.tags, x_limit=row["ttft_s"] / row["limit_s"])
+        rows.append(row)
+        progress(f"[bench ttft]   {row['visual_tokens']:,} visual tokens, TTFT {row['ttft_s']:.2f} s "
+                 f"(encode {row['encode_s']:.2f}, prefill {row['prefill_s']:.2f}) in "
+                 f"{time.perf_counter() - start:.0f} s")
+        if peers and "fastvlm" in layout.tags:
+            progress(f"[bench ttft] {label}: transformers FastVLM, same shapes and weights ...")
+            with torch.inference_mode():
+                peer, peer_token = measure_fastvlm_peer(model, page, warmup=warmup, repeats=repeats,
+                                                        budget_s=budget_s)
+            peer.update(layout="transformers FastVlmForConditionalGeneration", tags=["peer-fastvlm"],
+                        same_first_token=peer_token == token)
+            rows.append(peer)
+            progress(f"[bench ttft]   TTFT {peer['ttft_s']:.2f} s vs fovea end to end "
+                     f"{peer['fovea_end_to_end_s']:.2f} s; same first token: {peer['same_first_token']}")
+    if peers and any("vit" in layout.tags for layout in layouts):
+        progress(f"[bench ttft] {label}: transformers LLaVA-NeXT (LLaVA-NeXT grid), same shapes ...")
+        with torch.inference_mode():
+            peer = measure_llava_next_peer(lm, tokenizer, page, llava_pinpoints, warmup=warmup, repeats=repeats,
+                                           budget_s=budget_s, vision_shape=llava_vision)
+        peer.update(layout="transformers LlavaNextForConditionalGeneration", tags=["peer-llava-next"])
+        rows.append(peer)
+        progress(f"[bench ttft]   TTFT {peer['ttft_s']:.2f} s ({peer['prompt_tokens']:,} prompt tokens)")
+    return rows
+
+
 def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_side: int = 1536,
                    threads: int | None = None, warmup: int = 1, repeats: int = 3, budget_s: float = 90.0,
                    peers: bool = True, layouts: list[Layout] | None = None, out_dir: str | Path = "bench-results",
@@ -276,43 +316,9 @@ def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_si
         torch.manual_seed(0)
         lm, tokenizer = build_lm(LMConfig(name=preset))
         lm.eval().to(place.device, place.dtype)
-        rows = []
-        first_tokens: dict[str, int] = {}
-        for i, layout in enumerate(layouts, start=1):
-            progress(f"[bench ttft] {label}: {i}/{len(layouts)} {layout.label} ...")
-            cache_key = f"{layout.vision!r}@{layout.max_side}"
-            model = build_layout_model(layout, lm, tokenizer, encoders).place(place.device, place.dtype)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                row, token = measure_layout(model, page, features_cache=features_cache, warmup=warmup,
-                                            repeats=repeats, budget_s=budget_s,
-                                            cache_key=cache_key)
-            row["limit_s"] = layout_flops(model, page) / 1e9 / rate
-            sync()
-            row.update(layout=layout.label, tags=layout.tags, x_limit=row["ttft_s"] / row["limit_s"])
-            rows.append(row)
-            first_tokens[layout.label] = token
-            progress(f"[bench ttft]   {row['visual_tokens']:,} visual tokens, TTFT {row['ttft_s']:.2f} s "
-                     f"(encode {row['encode_s']:.2f}, prefill {row['prefill_s']:.2f}) in "
-                     f"{time.perf_counter() - start:.0f} s")
-            if peers and "fastvlm" in layout.tags:
-                progress(f"[bench ttft] {label}: transformers FastVLM, same shapes and weights ...")
-                with torch.inference_mode():
-                    peer, peer_token = measure_fastvlm_peer(model, page, warmup=warmup, repeats=repeats,
-                                                            budget_s=budget_s)
-                peer.update(layout="transformers FastVlmForConditionalGeneration", tags=["peer-fastvlm"],
-                            same_first_token=peer_token == token)
-                rows.append(peer)
-                progress(f"[bench ttft]   TTFT {peer['ttft_s']:.2f} s vs fovea end to end "
-                         f"{peer['fovea_end_to_end_s']:.2f} s; same first token: {peer['same_first_token']}")
-        if peers and any("vit" in layout.tags for layout in layouts):
-            progress(f"[bench ttft] {label}: transformers LLaVA-NeXT (LLaVA-NeXT grid), same shapes ...")
-            with torch.inference_mode():
-                peer = measure_llava_next_peer(lm, tokenizer, page, llava_pinpoints, warmup=warmup,
-                                               repeats=repeats, budget_s=budget_s, vision_shape=llava_vision)
-            peer.update(layout="transformers LlavaNextForConditionalGeneration", tags=["peer-llava-next"])
-            rows.append(peer)
-            progress(f"[bench ttft]   TTFT {peer['ttft_s']:.2f} s ({peer['prompt_tokens']:,} prompt tokens)")
+        rows = _llm_rows(label, lm, tokenizer, layouts, page, place, rate, encoders, features_cache, peers=peers,
+                         warmup=warmup, repeats=repeats, budget_s=budget_s, llava_vision=llava_vision,
+                         llava_pinpoints=llava_pinpoints, progress=progress)
         results[label] = {"rows": rows, "claims": claims(rows)}
         del lm
     payload = {"benchmark": "ttft", "env": env, "quick": quick, "max_side": max_side, "results": results,

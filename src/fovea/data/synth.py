@@ -75,9 +75,20 @@ def render_contract(width: int = 2880, height: int = 2160, seed: int = 0) -> Pag
         draw.text((x, y), f"{role}: {name}, {rng.randint(1, 250)} Harbour Street, {city}", font=font(int(30 * unit)),
                   fill="black")
         y += int(48 * unit)
-    y += int(30 * unit)
+    _clauses(rng, draw, facts, unit, margin, width, height, y + int(30 * unit))
+    y = _fee_table(rng, draw, facts, unit, margin, width, int(height * 0.66))
+    _small_print(rng, draw, facts, unit, margin, width, y)
+    draw.text((margin, height - int(120 * unit)), "Signed for the Client: ____________________",
+              font=font(int(26 * unit)), fill="black")
+    draw.text((width // 2, height - int(120 * unit)), "Signed for the Supplier: ____________________",
+              font=font(int(26 * unit)), fill="black")
+    return Page(image=page, facts=facts)
+
+
+def _clauses(rng, draw, facts: dict, unit: float, margin: int, width: int, height: int, y: int) -> None:
+    """Eight numbered clauses in two columns, from ``y`` down to 62% of the page height."""
     column_width = (width - 3 * margin) // 2
-    col_x, col_top = [x, x + column_width + margin], y
+    col_x, col_top = [margin, margin + column_width + margin], y
     col, body = 0, font(int(24 * unit))
     for i, (title, text) in enumerate(rng.sample(_CLAUSES, 8), start=1):
         values = {"n": rng.randint(6, 60), "amount": f"{rng.randint(10, 990)},{rng.randint(0, 999):03d}",
@@ -96,7 +107,9 @@ def render_contract(width: int = 2880, height: int = 2160, seed: int = 0) -> Pag
             y += int(34 * unit)
         y += int(20 * unit)
 
-    y = int(height * 0.66)
+
+def _fee_table(rng, draw, facts: dict, unit: float, margin: int, width: int, y: int) -> int:
+    """A four-row fee table at ``y``; returns the y below it."""
     headers, rows = ["Item", "Units", "Unit price (EUR)", "Total (EUR)"], []
     for item in rng.sample(["Data processing", "Support hours", "Storage (TB)", "Licences", "Training days"], 4):
         units, price = rng.randint(1, 400), rng.randint(20, 2000)
@@ -109,7 +122,10 @@ def render_contract(width: int = 2880, height: int = 2160, seed: int = 0) -> Pag
             draw.rectangle(box, outline="black", width=max(1, int(2 * unit)))
             draw.text((box[0] + int(12 * unit), box[1] + int(10 * unit)), value,
                       font=font(int(24 * unit), bold=r == 0, mono=r > 0), fill="black")
-    y += cell_h * (len(rows) + 1) + int(50 * unit)
+    return y + cell_h * (len(rows) + 1) + int(50 * unit)
+
+
+def _small_print(rng, draw, facts: dict, unit: float, margin: int, width: int, y: int) -> None:
     small = font(max(8, int(15 * unit)))
     rate = f"{rng.randint(2, 9)}.{rng.randint(0, 9)}%"
     facts["interest_rate"] = rate
@@ -118,11 +134,6 @@ def render_contract(width: int = 2880, height: int = 2160, seed: int = 0) -> Pag
     for line in _wrap(draw, fine_print, small, width - 2 * margin):
         draw.text((margin, y), line, font=small, fill=(60, 60, 60))
         y += int(22 * unit)
-    draw.text((margin, height - int(120 * unit)), "Signed for the Client: ____________________",
-              font=font(int(26 * unit)), fill="black")
-    draw.text((width // 2, height - int(120 * unit)), "Signed for the Supplier: ____________________",
-              font=font(int(26 * unit)), fill="black")
-    return Page(image=page, facts=facts)
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, fnt: ImageFont.ImageFont, width: int) -> list[str]:

@@ -303,6 +303,38 @@ class ReadingResult:
     cpu_seconds: float = 0.0  # process CPU time spent training, over all runs of this folder
 
 
+def _restore(ckpt: Path, reader: Reader, optimizer, scheduler, result: ReadingResult, device) -> int:
+    """Load a checkpoint into the run's objects; the step it was written at."""
+    try:
+        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
+        reader.load_state_dict(state["model"])
+    except Exception as err:  # noqa: BLE001  (any unreadable checkpoint gets its name in the error)
+        raise ValueError(f"checkpoint {ckpt} is corrupt or from another encoder: {err}") from err
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    result.losses, result.evals, result.cpu_seconds = state["losses"], state["evals"], state["cpu_seconds"]
+    return state["step"]
+
+
+def _train_step(reader: Reader, cfg: ReadingConfig, step: int, place, optimizer, scheduler) -> float:
+    """One step on the step's freshly drawn lines and page crops (seeded by the step alone); its CTC loss."""
+    log_probs, texts = [], []
+    for kind, count in (("line", cfg.lines), ("block", cfg.blocks)):
+        if count:
+            offset = 0 if kind == "line" else 2048
+            samples = draw_batch(cfg, [_train_seed(cfg.seed, step, offset + i) for i in range(count)], kind)
+            log_probs += reader.read(samples, place.device, place.dtype)
+            texts += [t for s in samples for t, _ in s.runs]
+    loss = ctc_loss(log_probs, texts)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(reader.parameters(), cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
 def train_reading(cfg: ReadingConfig, *, resume: bool = False, progress: bool = True) -> ReadingResult:
     """Run (or continue) the reading curriculum; returns its losses, probe results and the final folder."""
     from tqdm import tqdm
@@ -320,16 +352,7 @@ def train_reading(cfg: ReadingConfig, *, resume: bool = False, progress: bool = 
     if resume and ckpt is None and out.joinpath("checkpoints").is_dir():
         raise ValueError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
     if ckpt is not None:
-        try:
-            state = torch.load(ckpt / "state.pt", map_location=place.device, weights_only=False)
-            reader.load_state_dict(state["model"])
-        except Exception as err:  # noqa: BLE001  (any unreadable checkpoint gets its name in the error)
-            raise ValueError(f"checkpoint {ckpt} is corrupt or from another encoder: {err}") from err
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
-        result.losses, result.evals, result.cpu_seconds = state["losses"], state["evals"], state["cpu_seconds"]
+        start = _restore(ckpt, reader, optimizer, scheduler, result, place.device)
     elif out.joinpath("checkpoints").is_dir() and any(out.joinpath("checkpoints").iterdir()):
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -343,20 +366,7 @@ def train_reading(cfg: ReadingConfig, *, resume: bool = False, progress: bool = 
     cpu0 = time.process_time() - result.cpu_seconds
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="reading")
     for step in bar:
-        log_probs, texts = [], []
-        for kind, count in (("line", cfg.lines), ("block", cfg.blocks)):
-            if count:
-                offset = 0 if kind == "line" else 2048
-                samples = draw_batch(cfg, [_train_seed(cfg.seed, step, offset + i) for i in range(count)], kind)
-                log_probs += reader.read(samples, place.device, place.dtype)
-                texts += [t for s in samples for t, _ in s.runs]
-        loss = ctc_loss(log_probs, texts)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(reader.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        result.losses.append(loss.item())
+        result.losses.append(_train_step(reader, cfg, step, place, optimizer, scheduler))
         result.cpu_seconds = time.process_time() - cpu0
         record = {"step": step + 1, "loss": result.losses[-1], "lr": scheduler.get_last_lr()[0],
                   "cpu_minutes": result.cpu_seconds / 60}
