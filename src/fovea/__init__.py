@@ -1,10 +1,22 @@
-"""fovea: fast vision-language models for high-resolution documents."""
+"""fovea: fast vision-language models for high-resolution documents.
 
-from fovea.checkpoint import load_model, save_model
-from fovea.config import ConnectorConfig, LMConfig, PreprocessConfig, VisionConfig, VLMConfig, preset
-from fovea.engine import Engine, EngineConfig, SamplingParams
-from fovea.model import VLM
+Names resolve on first use: ``import fovea`` (and the ``fovea`` command's start, which checks its inputs first)
+costs no torch import.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["VLM", "ConnectorConfig", "Engine", "EngineConfig", "LMConfig", "PreprocessConfig", "SamplingParams",
-           "VLMConfig", "VisionConfig", "load_model", "preset", "save_model"]
+_WHERE = {
+    "VLM": "model", "load_model": "checkpoint", "save_model": "checkpoint",
+    "Engine": "engine", "EngineConfig": "engine", "SamplingParams": "engine",
+    "ConnectorConfig": "config", "LMConfig": "config", "PreprocessConfig": "config", "VLMConfig": "config",
+    "VisionConfig": "config", "preset": "config",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'fovea' has no attribute {name!r}")
+    return getattr(import_module(f"fovea.{_WHERE[name]}"), name)

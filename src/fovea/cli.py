@@ -47,16 +47,19 @@ def _sampling(args: argparse.Namespace):
 
 def cmd_ask(image: str, question: str, model: str | None, stream: bool, args: argparse.Namespace) -> int:
     """Ask a question about an image; prints the answer and where the time went."""
+    from fovea.preprocess.image import load_image
+
+    page = load_image(image)  # a missing, unreadable or oversized file fails here, before torch is even imported
     from fovea.engine import Engine, EngineConfig
     from fovea.engine import stream as stream_events
     from fovea.loading import load_vlm
 
     params = _sampling(args)
-    vlm = load_vlm(model, llm=args.llm, progress=lambda s: print(s, file=sys.stderr, flush=True),
-                   device=args.device, dtype=args.dtype, threads=args.threads, encoder_runtime=args.encoder_runtime)
+    vlm = load_vlm(model, llm=args.llm, device=args.device, dtype=args.dtype, threads=args.threads,
+                   encoder_runtime=args.encoder_runtime)
     engine = Engine(vlm, EngineConfig(max_batch=1, max_len=args.max_len))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    request = engine.add_request(messages, [image], params)
+    request = engine.add_request(messages, [page], params)
     if stream:
         engine.start()
         try:
@@ -172,11 +175,11 @@ def cmd_synth(out: str, pages: int, seed: int, size: str, questions: int) -> int
     if pages < 1:
         raise ValueError(f"--pages must be >= 1, got {pages}")
 
-    def show(done: int, total: int) -> None:
-        print(f"\rrendered {done}/{total} pages", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    from tqdm.auto import tqdm
 
-    path = write_dataset(out, num_pages=pages, seed=seed, size=(width, height), questions_per_page=questions,
-                         progress=show)
+    with tqdm(total=pages, desc="fovea synth", unit="page") as bar:
+        path = write_dataset(out, num_pages=pages, seed=seed, size=(width, height), questions_per_page=questions,
+                             progress=lambda done, total: bar.update(1))
     print(f"wrote {path}")
     return 0
 
@@ -274,7 +277,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed, model and input give the "
+                   "same answer in any process)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
@@ -343,10 +347,12 @@ def _add_synth(sub) -> None:
     p.set_defaults(run=lambda a: cmd_synth(a.out, a.pages, a.seed, a.size, a.questions))
 
 
-def _add_train(sub) -> None:
+def _add_train(sub, flags: bool = True) -> None:
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     p.add_argument("config", nargs="?", help="YAML file of training settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    if not flags:  # another command runs: skip importing the trainer (and torch) just to list these flags
+        return
     from fovea.train.trainer import TrainConfig
 
     _dataclass_flags(p, TrainConfig)
@@ -355,10 +361,12 @@ def _add_train(sub) -> None:
         if k not in ("config", "resume", "run", "command")}))
 
 
-def _add_pretrain(sub) -> None:
+def _add_pretrain(sub, flags: bool = True) -> None:
     p = sub.add_parser("pretrain", help=cmd_pretrain.__doc__, description=cmd_pretrain.__doc__)
     p.add_argument("config", nargs="?", help="YAML file of reading-curriculum settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    if not flags:
+        return
     from fovea.train.reading import ReadingConfig
 
     _dataclass_flags(p, ReadingConfig)
@@ -388,7 +396,9 @@ def _add_convert(sub) -> None:
     p.set_defaults(run=lambda a: cmd_convert(a.src, a.dst))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command`` (the one about to run), the settings flags of the others are left
+    out, so that a command checks its inputs before anything imports torch."""
     parser = argparse.ArgumentParser(prog="fovea", description="Fast vision-language models for high-resolution "
                                      "documents.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -398,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_info(sub)
     _add_synth(sub)
-    _add_train(sub)
-    _add_pretrain(sub)
+    _add_train(sub, flags=command in (None, "train"))
+    _add_pretrain(sub, flags=command in (None, "pretrain"))
     _add_eval(sub)
     _add_convert(sub)
     from fovea.bench.cli import add_bench_parser
@@ -409,7 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    from fovea.log import show_on_stderr
+
+    show_on_stderr()
     try:
         return args.run(args)
     except ValueError as err:

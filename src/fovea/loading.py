@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from fovea.checkpoint import load_model
 from fovea.config import PRESETS, preset
 from fovea.lm import smollm2_dir
+from fovea.log import say
 from fovea.model import ENCODER_RUNTIMES, VLM
 from fovea.runtime import placement
 
@@ -19,7 +22,7 @@ def default_llm() -> str:
     return "smollm2" if (smollm2_dir() / "config.json").is_file() else "smollm2-135m-shape"
 
 
-def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Callable[[str], None] = print,
+def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Callable[[str], None] = say,
              device: str | None = "auto", dtype: str | None = "auto", threads: int | None = None,
              encoder_runtime: str = "torch") -> VLM:
     """``spec``: a fovea model directory, or a preset name (default ``fastvithd-qformer-64``) whose LLM is
@@ -41,7 +44,9 @@ def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Calla
         config.lm.name = llm or default_llm()
         progress(f"building preset {spec!r} with LLM {config.lm.name!r} (vision and connector weights are random "
                  "until you train or load them) ...")
-        model = VLM.from_config(config)
+        with torch.random.fork_rng(devices=[]):  # the same random weights in every process: reproducible answers
+            torch.manual_seed(0)
+            model = VLM.from_config(config)
     else:
         raise ValueError(f"--model {spec!r} is neither a model directory nor a preset; presets: {sorted(PRESETS)}")
     progress(f"running on {place.describe()}")

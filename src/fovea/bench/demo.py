@@ -18,13 +18,14 @@ from fovea.config import LMConfig, VisionConfig
 from fovea.data.synth import render_contract
 from fovea.lm import build_lm
 from fovea.loading import default_llm
+from fovea.log import say
 from fovea.runtime import placement
 
 
 @dataclass
 class DemoRow:
     layout: str  # human-readable pipeline name
-    input_size: str  # encoder input in pixels, H x W
+    input_size: str  # encoder input in pixels, W x H
     times: StageTimes  # measured stage times and token counts
     encoder_shared: bool  # the encoder output was reused from the row above (same encoder, same image)
 
@@ -41,7 +42,7 @@ def demo_layouts(max_side: int) -> list[Layout]:
 
 def run_demo(
     *, max_side: int = 1536, llm: str = "auto", threads: int | None = None, seed: int = 0,
-    device: str = "auto", dtype: str = "auto", progress: Callable[[str], None] = print,
+    device: str = "auto", dtype: str = "auto", progress: Callable[[str], None] = say,
 ) -> tuple[list[DemoRow], dict]:
     """Render the page, then for each layout time preprocess / encode / compress / prefill to the first token."""
     place = placement(device, dtype, threads)
@@ -73,7 +74,7 @@ def run_demo(
             times.encode_ms = rows[-1].times.encode_ms
         cached[key] = feats
         size = model.processor().image_processor(page).pixels.shape[-2:]
-        rows.append(DemoRow(layout.label, f"{size[0]}x{size[1]}", times, shared))
+        rows.append(DemoRow(layout.label, f"{size[1]}x{size[0]}", times, shared))  # WxH, as everywhere
         progress(f"[demo] {i}/{len(layouts)} done in {time.perf_counter() - start:.1f} s")
     return rows, {"env": env, "llm": llm, "max_side": max_side, "placement": place.describe()}
 

@@ -25,6 +25,7 @@ from fovea.bench.common import (
     time_adaptive,
 )
 from fovea.config import VisionConfig
+from fovea.log import say
 from fovea.plotting import pyplot, save_figure
 from fovea.preprocess import grid_pinpoints
 from fovea.runtime import dtype_name, placement
@@ -78,7 +79,7 @@ def run_encoder_bench(*, specs: list[EncoderSpec] | None = None, resolutions: li
                       quick: bool = False, threads: int | None = None, warmup: int = 1, repeats: int = 3,
                       budget_s: float = 120.0, max_run_s: float = 300.0, out_dir: str | Path = "bench-results",
                       device: str = "auto", dtypes: tuple[str, ...] = ("auto",),
-                      progress: Callable[[str], None] = print) -> dict[str, Any]:
+                      progress: Callable[[str], None] = say) -> dict[str, Any]:
     """Every encoder at every resolution in every dtype of ``dtypes`` (each by its family's recipe), with the
     hardware limit: the encoder's FLOPs over the matmul rate measured in this run in that dtype."""
     places = [placement(device, d, threads) for d in dtypes]  # every dtype checked before anything runs

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from fovea.log import say
+
 
 def _png(size: tuple[int, int], flat: bool = True) -> bytes:
     buf = io.BytesIO()
@@ -91,7 +93,7 @@ def _rss_mb(pid: int | None) -> float | None:
 def run_fault_check(base: str, *, api_key: str | None = None, honest: int = 64, burst: int = 200,
                     abandoned: int = 8, half_sent: int = 20, max_tokens: int = 8, max_body_bytes: int = 2**20,
                     max_images: int = 8, max_prompt_chars: int = 40_000, server_pid: int | None = None,
-                    timeout: float = 300.0, progress: Callable[[str], None] = print) -> dict[str, Any]:
+                    timeout: float = 300.0, progress: Callable[[str], None] = say) -> dict[str, Any]:
     """Replay the attacks while ``honest`` clients ask real questions, then a ``burst`` beyond the queue."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     chat = base + "/v1/chat/completions"
@@ -181,7 +183,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def run_faults_bench(*, llm: str = "smollm2-135m-shape", honest: int = 64, burst: int = 200, max_batch: int = 16,
                      max_waiting: int = 64, threads: int | None = None, out_dir: str | Path = "bench-results",
-                     progress: Callable[[str], None] = print) -> dict[str, Any]:
+                     progress: Callable[[str], None] = say) -> dict[str, Any]:
     """Start fovea's server on loopback (the serve benchmark's model, an API key, default limits) and replay the
     fault table against it at full scale; JSON + PNG."""
     import uvicorn

@@ -30,6 +30,7 @@ from fovea.bench.common import (
 )
 from fovea.config import LMConfig
 from fovea.lm import build_lm
+from fovea.log import say
 from fovea.packing import Sample, first_fit_decreasing, pack
 from fovea.packing.binpack import packing_stats
 from fovea.plotting import pyplot, save_figure
@@ -113,7 +114,7 @@ def run_case(name: str, lengths: list[int], *, reference: torch.nn.Module, packe
 def run_packing_bench(*, lm: str = "llama-6l-512", quick: bool = False, threads: int | None = None,
                       warmup: int = 1, repeats: int = 3, mix_count: int = 12, seed: int = 0,
                       device: str = "auto", dtype: str = "auto",
-                      out_dir: str | Path = "bench-results", progress: Callable[[str], None] = print) -> dict[str, Any]:
+                      out_dir: str | Path = "bench-results", progress: Callable[[str], None] = say) -> dict[str, Any]:
     place = placement(device, dtype, threads)
     env = environment()
     progress(f"[bench packing] {describe(env)}; LLM preset {lm!r} (random weights); {place.describe()}")

@@ -24,6 +24,7 @@ from fovea.config import CLIP_MEAN, CLIP_STD, ConnectorConfig, LMConfig, Preproc
 from fovea.data.synth import render_contract
 from fovea.engine import Engine, EngineConfig, SamplingParams
 from fovea.engine import stream as stream_events
+from fovea.log import say
 from fovea.model import VLM
 from fovea.plotting import pyplot, save_figure
 from fovea.runtime import dtype_name, placement
@@ -206,7 +207,7 @@ def build_bench_model(llm: str, max_side: int) -> VLM:
 def run_serve_bench(*, llm: str = "smollm2-135m-shape", levels: tuple[int, ...] = (1, 4, 16), requests: int = 32,
                     max_tokens: int = 32, pages: int = 4, max_side: int = 512, threads: int | None = None,
                     model: VLM | None = None, device: str = "auto", dtype: str = "auto",
-                    out_dir: str | Path = "bench-results", progress: Callable[[str], None] = print) -> dict[str, Any]:
+                    out_dir: str | Path = "bench-results", progress: Callable[[str], None] = say) -> dict[str, Any]:
     import copy
 
     place = placement(device, dtype, threads)

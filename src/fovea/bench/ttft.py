@@ -42,6 +42,7 @@ from fovea.config import (
 from fovea.connectors import build_connector
 from fovea.data.synth import render_contract
 from fovea.lm import build_lm, smollm2_dir
+from fovea.log import say
 from fovea.model import VLM, add_image_token, image_layouts
 from fovea.plotting import pyplot, save_figure
 from fovea.preprocess import grid_pinpoints
@@ -293,7 +294,7 @@ def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_si
                    page_size: tuple[int, int] = (2880, 2160), llava_vision: dict | None = None,
                    llava_pinpoints: tuple[tuple[int, int], ...] = LLAVA_NEXT_PINPOINTS, only: str | None = None,
                    device: str = "auto", dtype: str = "auto",
-                   progress: Callable[[str], None] = print) -> dict[str, Any]:
+                   progress: Callable[[str], None] = say) -> dict[str, Any]:
     place = placement(device, dtype, threads)
     rate = matmul_gflops(place.dtype, place.device)
     env = environment()

@@ -8,7 +8,6 @@ Notation: L tokens in a conversation after placeholder expansion.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fovea.log import say
 from fovea.packing import IGNORE_INDEX, Sample
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -166,7 +166,7 @@ class Dataset:
 
 def load_dataset(
     path: str | Path, processor: Any, *, on_bad: str = "stop", max_len: int | None = None,
-    report: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    report: Callable[[str], None] = say,
 ) -> Dataset:
     """Read and encode every record. ``on_bad``: 'stop' raises the first DataError, 'skip' reports each bad record
     (id and reason) and goes on. Conversations longer than ``max_len`` tokens count as bad records."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,6 +62,20 @@ LM_PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
 }
 
 
+@contextmanager
+def _quiet_loading():
+    """transformers draws a "Loading weights" bar for every model it loads; fovea reports loading itself."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def default_cache_dir() -> Path:
     """Where converted LLMs live: $FOVEA_HOME, else ~/.cache/fovea."""
     return Path(os.environ.get("FOVEA_HOME", Path.home() / ".cache" / "fovea"))
@@ -81,7 +96,8 @@ def build_lm(cfg: LMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             hint = " (run `fovea fetch-llm smollm2` once to create it)" if cfg.name == "smollm2" else ""
             raise ValueError(f"LLM directory {str(path)!r} has no config.json{hint}")
         config = AutoConfig.from_pretrained(path, **cfg.overrides)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return model, tokenizer
     if cfg.name not in LM_PRESETS:

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from fovea.config import DEFAULT_MAX_PIXELS, PreprocessConfig
@@ -86,6 +84,9 @@ def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
 def to_tensor(image: Image.Image, *, content: tuple[int, int], size: tuple[int, int], cfg: PreprocessConfig):
     """Resize ``image`` to ``content`` (h, w), pad to ``size`` (H, W) at the end (bottom/right) or centred, as
     ``cfg.pad_position`` says, normalise: (3, H, W) float32."""
+    import torch  # here, not at the top: checking a file's image (load_image) must not wait for torch to import
+    import torch.nn.functional as F
+
     ch, cw = content
     height, width = size
     if (image.height, image.width) != (ch, cw):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from fovea.checkpoint import save_model
 from fovea.config import settings_from_dict
 from fovea.data.records import encode_record, load_dataset, read_records, split_ids
+from fovea.log import say
 from fovea.packing import IGNORE_INDEX, pack
 from fovea.runtime import resolve_device, resolve_dtype
 
@@ -364,7 +365,7 @@ class TrainRecipe:
 
     def say(self, text: str) -> None:
         if self.main:
-            print(text, file=sys.stderr)
+            say(text)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
