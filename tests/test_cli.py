@@ -29,6 +29,7 @@ def test_info_lists_registries():
     assert "fastvithd" in out.stdout and "qformer" in out.stdout and "smollm2-135m-shape" in out.stdout
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs the slow set after the default one
 def test_demo_prints_the_table():
     out = _fovea("demo", "--llm", "tiny-llama", "--max-side", "256", "--threads", "2")
     assert out.returncode == 0, out.stderr

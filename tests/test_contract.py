@@ -39,6 +39,7 @@ def test_encoder_contract(name):
         enc.features(torch.randn(1, 3, s + 1, s))
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs the slow set after the default one
 def test_real_encoder_shapes_without_running_them():
     """The full-size encoders keep their published geometry: FastViTHD stride 64 with 3072 channels."""
     fast = build_encoder(VisionConfig(name="fastvithd"))

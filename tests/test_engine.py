@@ -296,6 +296,7 @@ def test_abort_frees_the_slot():
     assert long.done and short.done and len(short.tokens) == 3 and engine.cache.free == [0]
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs the slow set after the default one
 def test_real_smollm2_concurrent_greedy_equals_generate(smollm2_path):
     from fovea.config import LMConfig
 

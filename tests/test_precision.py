@@ -59,9 +59,12 @@ def test_bad_device_or_dtype_names_what_is_available(monkeypatch):
     ["ask", "page.png", "q?", "--dtype", "float16", "--device", "cpu"],
     ["serve", "--dtype", "float16", "--device", "cpu"],
 ])
-def test_cli_rejects_placement_before_building_anything(argv, monkeypatch, capsys):
+def test_cli_rejects_placement_before_building_anything(argv, monkeypatch, capsys, tmp_path):
     def no_build(*a, **k):
         raise AssertionError("a model was built")
+
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "page.png")  # a real page: the placement is what is wrong
+    monkeypatch.chdir(tmp_path)
 
     monkeypatch.setattr(VLM, "from_config", no_build)
     monkeypatch.setattr(fovea.loading, "load_model", no_build)

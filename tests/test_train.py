@@ -215,6 +215,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two torchrun processes each: about a minute on 2 cores
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, parallel):
     single = train(_cfg(setup, tmp_path / "one", steps=3, save_every=0), progress=False)

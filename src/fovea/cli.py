@@ -45,11 +45,25 @@ def _sampling(args: argparse.Namespace):
                           top_k=args.top_k, seed=args.seed, stop=args.stop or [])
 
 
-def cmd_ask(image: str, question: str, model: str | None, stream: bool, args: argparse.Namespace) -> int:
-    """Ask a question about an image; prints the answer and where the time went."""
-    from fovea.preprocess.image import load_image
+def _target_side(model: str | None) -> int:
+    """The long side the model's encoder reads, from its preset or saved config (no torch): PDF pages are rendered
+    at it."""
+    from fovea.config import PRESETS, preset
 
-    page = load_image(image)  # a missing, unreadable or oversized file fails here, before torch is even imported
+    spec = model or "fastvithd-qformer-64"
+    config_file = Path(spec) / "config.json"
+    if config_file.is_file():
+        return int(json.loads(config_file.read_text()).get("fovea", {}).get("preprocess", {}).get("max_side", 1536))
+    return preset(spec).preprocess.max_side if spec in PRESETS else 1536
+
+
+def cmd_ask(image: str, question: str, model: str | None, stream: bool, args: argparse.Namespace) -> int:
+    """Ask a question about an image, a PDF or a multi-page TIFF; prints the answer and where the time went."""
+    from fovea.preprocess.document import document_messages, open_document
+
+    # A missing, unreadable, encrypted or oversized file, or a page out of range, fails here: before torch loads.
+    document = open_document(image, pages=args.pages, max_pages=args.max_pages, target_side=_target_side(model),
+                             dpi=args.dpi)
     from fovea.engine import Engine, EngineConfig
     from fovea.engine import stream as stream_events
     from fovea.loading import load_vlm
@@ -58,8 +72,7 @@ def cmd_ask(image: str, question: str, model: str | None, stream: bool, args: ar
     vlm = load_vlm(model, llm=args.llm, device=args.device, dtype=args.dtype, threads=args.threads,
                    encoder_runtime=args.encoder_runtime)
     engine = Engine(vlm, EngineConfig(max_batch=1, max_len=args.max_len))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    request = engine.add_request(messages, [page], params)
+    request = engine.add_request(document_messages(document, question), document.pages, params)
     if stream:
         engine.start()
         try:
@@ -77,10 +90,13 @@ def cmd_ask(image: str, question: str, model: str | None, stream: bool, args: ar
         print(result["text"])
         metrics = result["metrics"]
     m = metrics
+    pages = len(document.pages)
+    per_page = f" ({pages} pages: {m.visual_tokens // pages} visual tokens and {m.encode_ms / pages:.0f} ms of " \
+               "encoding each, on average)" if pages > 1 else ""
     print(f"\n[{m.visual_tokens} visual / {m.prompt_tokens} prompt tokens] preprocess {m.preprocess_ms:.0f} ms, "
           f"encode {m.encode_ms:.0f} ms, compress {m.compress_ms:.0f} ms, prefill {m.prefill_ms:.0f} ms, "
-          f"TTFT {m.ttft_ms:.0f} ms, decode {m.decode_tokens_per_s:.1f} tok/s, {m.completion_tokens} tokens",
-          file=sys.stderr)
+          f"TTFT {m.ttft_ms:.0f} ms, decode {m.decode_tokens_per_s:.1f} tok/s, {m.completion_tokens} tokens"
+          f"{per_page}", file=sys.stderr)
     return 0
 
 
@@ -94,7 +110,7 @@ def cmd_serve(model: str | None, host: str, port: int, args: argparse.Namespace)
 
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty: pass a non-empty key, or leave the flag out to serve without auth")
-    limits = ServerLimits(max_body_mb=args.max_body_mb, max_images=args.max_images,
+    limits = ServerLimits(max_body_mb=args.max_body_mb, max_images=args.max_images, max_pages=args.max_pages,
                           max_request_pixels=args.max_request_pixels, max_prompt_tokens=args.max_prompt_tokens,
                           read_timeout_s=args.read_timeout)
     limits.validate()
@@ -300,9 +316,13 @@ def _add_fetch_llm(sub) -> None:
 
 def _add_ask(sub) -> None:
     p = sub.add_parser("ask", help=cmd_ask.__doc__, description=cmd_ask.__doc__)
-    p.add_argument("image", help="image file (PNG, JPEG, ...)")
+    p.add_argument("image", help="image (PNG, JPEG, ...), PDF or multi-page TIFF")
     p.add_argument("question", help="what to ask about it")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--pages", default=None, help="pages of a PDF/TIFF to read, e.g. 1-3,7 (default: all)")
+    p.add_argument("--max-pages", type=int, default=16, help="most pages one question may read")
+    p.add_argument("--dpi", type=float, default=None, help="render PDF pages at this DPI (default: the resolution "
+                   "the encoder reads, its long side at the model's max side)")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(run=lambda a: cmd_ask(a.image, a.question, a.model, a.stream, a))
@@ -322,7 +342,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--prefix-cache", type=int, default=8192,
                    help="prompt positions whose keys/values are kept for prompts that begin the same way (0: off)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="larger request bodies get 413 unread")
-    p.add_argument("--max-images", type=int, default=8, help="image parts per request")
+    p.add_argument("--max-images", type=int, default=8, help="image and file parts per request")
+    p.add_argument("--max-pages", type=int, default=16, help="page images per request over all its PDFs, TIFFs "
+                   "and images")
     p.add_argument("--max-request-pixels", type=int, default=64_000_000, help="decoded pixels per request")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="prompt tokens per request (default: --max-len); longer text is refused before tokenizing")

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fovea.engine import Engine, QueueFull, SamplingParams
-from fovea.preprocess import load_image
+from fovea.preprocess.document import DEFAULT_MAX_PAGES, Document, open_document
 from fovea.serve.limits import CHARS_PER_TOKEN_BOUND, BodyLimits, ServerLimits, error_body, short
 from fovea.serve.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -72,29 +72,33 @@ def _error(status: int, message: str, param: str | None = None, headers: dict | 
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
-def decode_image(url: str, where: str, local_dir: Path | None, max_pixels: int):
-    """An ``image_url`` value to a PIL image: data URIs always, local paths only under ``local_dir``."""
+def decode_source(url: str, where: str, local_dir: Path | None) -> bytes | Path:
+    """An ``image_url`` value or a file part's ``file_data``: the bytes of a base64 data URI, or a local path
+    (only under ``local_dir``)."""
     if url.startswith("data:"):
         header, _, data = url.partition(",")
         if ";base64" not in header:
-            raise ApiError(400, f"{where}: data URI must be base64-encoded (data:image/...;base64,...)", where)
+            raise ApiError(400, f"{where}: data URI must be base64-encoded (data:<type>;base64,...)", where)
         try:
-            raw = base64.b64decode(data, validate=True)
+            return base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{where}: invalid base64 in the data URI", where) from None
-        source: Any = raw
-    elif url.startswith(("http://", "https://")):
-        raise ApiError(400, f"{where}: remote image URLs are not fetched; send the image as a base64 data URI", where)
-    else:
-        if local_dir is None:
-            raise ApiError(400, f"{where}: local image paths are disabled on this server; send a base64 data URI",
-                           where)
-        path = Path(url.removeprefix("file://")).resolve()
-        if not path.is_relative_to(local_dir):
-            raise ApiError(400, f"{where}: path {url!r} is outside the allowed image directory", where)
-        source = path
+    if url.startswith(("http://", "https://")):
+        raise ApiError(400, f"{where}: remote URLs are not fetched; send the file as a base64 data URI", where)
+    if local_dir is None:
+        raise ApiError(400, f"{where}: local file paths are disabled on this server; send a base64 data URI", where)
+    path = Path(url.removeprefix("file://")).resolve()
+    if not path.is_relative_to(local_dir):
+        raise ApiError(400, f"{where}: path {url!r} is outside the allowed image directory", where)
+    return path
+
+
+def decode_document(url: str, where: str, local_dir: Path | None, max_pixels: int, max_pages: int,
+                    target_side: int, name: str | None = None) -> Document:
+    """An image, PDF or TIFF sent as a data URI (or an allowed local path) -> its pages, within the limits."""
+    source = decode_source(url, where, local_dir)
     try:
-        return load_image(source, max_pixels=max_pixels)
+        return open_document(source, max_pages=max_pages, max_pixels=max_pixels, target_side=target_side, name=name)
     except ValueError as err:
         raise ApiError(400, f"{where}: {err}", where) from None
 
@@ -107,7 +111,7 @@ def _check_text(text: str, where: str) -> str:
 
 def _image_parts(req: ChatRequest) -> int:
     return sum(1 for m in req.messages if isinstance(m.content, list)
-               for p in m.content if isinstance(p, dict) and p.get("type") == "image_url")
+               for p in m.content if isinstance(p, dict) and p.get("type") in ("image_url", "file"))
 
 
 def check_request(req: ChatRequest, limits: ServerLimits, max_prompt_tokens: int) -> None:
@@ -126,8 +130,27 @@ def check_request(req: ChatRequest, limits: ServerLimits, max_prompt_tokens: int
                        f"tokens (at most {bound:,} characters; --max-prompt-tokens)", "messages")
 
 
+def _part_url(part: dict, kind: str, where: str) -> tuple[str, str | None]:
+    """The data URI (or path) of an ``image_url`` or ``file`` part, and the file name when it has one."""
+    if kind == "image_url":
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(url, str) or not url:
+            raise ApiError(400, f"{where}: an image_url part needs image_url.url", where)
+        return url, None
+    value = part.get("file")
+    data = value.get("file_data") if isinstance(value, dict) else None
+    if not isinstance(data, str) or not data:
+        raise ApiError(400, f"{where}: a file part needs file.file_data (a base64 data URI; file_id is not "
+                       "supported)", where)
+    return data, value.get("filename") if isinstance(value.get("filename"), str) else None
+
+
 def to_engine_input(req: ChatRequest, local_dir: Path | None, max_pixels: int,
-                    max_request_pixels: int | None = None) -> tuple[list[dict], list]:
+                    max_request_pixels: int | None = None, max_pages: int = DEFAULT_MAX_PAGES,
+                    target_side: int = 1536) -> tuple[list[dict], list]:
+    """Chat messages and their page images for the engine. A PDF or TIFF becomes one image per page, each after a
+    "Page N:" marker; the request's pages and pixels are bounded over all its files."""
     messages, images = [], []
     total_pixels = 0
     for i, message in enumerate(req.messages):
@@ -146,20 +169,25 @@ def to_engine_input(req: ChatRequest, local_dir: Path | None, max_pixels: int,
                 if not isinstance(part.get("text"), str):
                     raise ApiError(400, f"{where}: a text part needs a 'text' string", where)
                 parts.append({"type": "text", "text": _check_text(part["text"], f"{where}.text")})
-            elif kind == "image_url":
-                value = part.get("image_url")
-                url = value.get("url") if isinstance(value, dict) else value
-                if not isinstance(url, str) or not url:
-                    raise ApiError(400, f"{where}: an image_url part needs image_url.url", where)
-                image = decode_image(url, where, local_dir, max_pixels)
-                total_pixels += image.width * image.height
-                if max_request_pixels is not None and total_pixels > max_request_pixels:
-                    raise ApiError(400, f"{where}: the request's images reach {total_pixels:,} pixels; the limit is "
-                                   f"{max_request_pixels:,} per request (--max-request-pixels)", where)
-                images.append(image)
+                continue
+            if kind not in ("image_url", "file"):
+                raise ApiError(400, f"{where}: unsupported part type {short(kind)}; use 'text', 'image_url' or "
+                               "'file'", where)
+            url, name = _part_url(part, kind, where)
+            remaining = max_pages - len(images)
+            if remaining < 1:
+                raise ApiError(400, f"{where}: the request already has {len(images)} pages; the limit is {max_pages} "
+                               "per request (--max-pages)", where)
+            document = decode_document(url, where, local_dir, max_pixels, remaining, target_side, name)
+            total_pixels += document.pixels
+            if max_request_pixels is not None and total_pixels > max_request_pixels:
+                raise ApiError(400, f"{where}: the request's pages reach {total_pixels:,} pixels; the limit is "
+                               f"{max_request_pixels:,} per request (--max-request-pixels)", where)
+            for number, page in zip(document.numbers, document.pages, strict=True):
+                if document.kind != "image":
+                    parts.append({"type": "text", "text": f"Page {number}:"})
                 parts.append({"type": "image"})
-            else:
-                raise ApiError(400, f"{where}: unsupported part type {short(kind)}; use 'text' or 'image_url'", where)
+                images.append(page)
         messages.append({"role": message.role, "content": parts})
     return messages, images
 
@@ -245,8 +273,9 @@ async def chat(body: ChatRequest, raw: Request):
     sink = _AsyncSink(asyncio.get_running_loop())
 
     def admit():  # in a worker thread: decoding, preprocessing and encoding never block the event loop
-        messages, images = to_engine_input(body, state.local_dir, engine.model.config.preprocess.max_pixels,
-                                           state.limits.max_request_pixels)
+        pre = engine.model.config.preprocess
+        messages, images = to_engine_input(body, state.local_dir, pre.max_pixels, state.limits.max_request_pixels,
+                                           state.limits.max_pages, pre.max_side)
         return engine.add_request(messages, images, params, request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
                                   events=sink)
 

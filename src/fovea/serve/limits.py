@@ -19,13 +19,14 @@ ERROR_VALUE_CHARS = 60  # how much of a bad value an error message quotes
 @dataclass
 class ServerLimits:
     max_body_mb: float = 64.0  # request bodies larger than this get 413 without being read whole
-    max_images: int = 8  # image parts per request
+    max_images: int = 8  # image and file parts per request
+    max_pages: int = 16  # page images per request over all its files (a PDF page or TIFF frame is one page)
     max_request_pixels: int = 64_000_000  # decoded pixels over all images of one request
     max_prompt_tokens: int | None = None  # prompt tokens per request (None = the engine's context length)
     read_timeout_s: float = 30.0  # a request body that stalls this long between chunks gets 408
 
     def validate(self) -> None:
-        for name in ("max_body_mb", "max_images", "max_request_pixels", "read_timeout_s"):
+        for name in ("max_body_mb", "max_images", "max_pages", "max_request_pixels", "read_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"server limit {name} must be > 0, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
