@@ -229,3 +229,29 @@ def test_server_refuses_bad_documents_with_400_and_keeps_serving(served, part, m
     ok = httpx.post(url + "/v1/chat/completions", timeout=60, json={**body, "messages": [
         {"role": "user", "content": [_pdf_part(_pdf(1)), {"type": "text", "text": "q"}]}]})
     assert ok.status_code == 200
+
+
+# ----- training data ----------------------------------------------------------------------------------------------
+def test_synth_writes_pdf_documents_that_training_reads(tmp_path):
+    """`fovea synth --pdf-pages 2`: PDFs whose records point at their pages (doc.pdf#page=N); the answer sits on
+    one page and every question shows the whole document."""
+    import json
+
+    from fovea.data.records import encode_record, read_records
+    from fovea.data.synth import write_dataset
+
+    write_dataset(tmp_path, num_pages=3, size=(320, 240), questions_per_page=1, pdf_pages=2, seed=4)
+    raw = json.loads((tmp_path / "data.json").read_text())
+    assert {tuple(r["image"]) for r in raw} == {("docs/doc-000000.pdf#page=1", "docs/doc-000000.pdf#page=2"),
+                                                ("docs/doc-000002.pdf#page=1",)}
+    assert {r["id"].split("-p")[1][0] for r in raw} == {"1", "2"}  # answers on either page
+    model = _model()
+    model.config.preprocess.max_side = 320
+    processor = model.processor()
+    for record in read_records(tmp_path / "data.json"):
+        sample = encode_record(record, processor)
+        assert len(sample.images) == len(record.images) and sample.images[0].shape[-1] == 320
+    bad = read_records(tmp_path / "data.json")[0]
+    bad.images = [bad.images[0].split("#")[0]]  # a PDF without a page
+    with pytest.raises(ValueError, match="name one page"):
+        encode_record(bad, processor)

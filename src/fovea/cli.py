@@ -179,7 +179,7 @@ def cmd_info(model_dir: str | None = None) -> int:
     return 0
 
 
-def cmd_synth(out: str, pages: int, seed: int, size: str, questions: int) -> int:
+def cmd_synth(out: str, pages: int, seed: int, size: str, questions: int, pdf_pages: int = 0) -> int:
     """Render synthetic document pages (contracts, invoices, forms) with exact question/answer pairs in the LLaVA
     conversation format: OUT/images/*.png and OUT/data.json. Deterministic given --seed."""
     from fovea.data.synth import write_dataset
@@ -195,7 +195,7 @@ def cmd_synth(out: str, pages: int, seed: int, size: str, questions: int) -> int
 
     with tqdm(total=pages, desc="fovea synth", unit="page") as bar:
         path = write_dataset(out, num_pages=pages, seed=seed, size=(width, height), questions_per_page=questions,
-                             progress=lambda done, total: bar.update(1))
+                             pdf_pages=pdf_pages, progress=lambda done, total: bar.update(1))
     print(f"wrote {path}")
     return 0
 
@@ -366,7 +366,9 @@ def _add_synth(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="same seed, same pages and answers")
     p.add_argument("--size", default="2880x2160", help="page size WIDTHxHEIGHT in pixels")
     p.add_argument("--questions", type=int, default=3, help="questions per page")
-    p.set_defaults(run=lambda a: cmd_synth(a.out, a.pages, a.seed, a.size, a.questions))
+    p.add_argument("--pdf-pages", type=int, default=0, help="write documents of this many pages as PDFs, each "
+                   "question showing the whole document (0: one PNG per page)")
+    p.set_defaults(run=lambda a: cmd_synth(a.out, a.pages, a.seed, a.size, a.questions, a.pdf_pages))
 
 
 def _add_train(sub, flags: bool = True) -> None:

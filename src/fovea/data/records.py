@@ -17,6 +17,7 @@ import torch
 
 from fovea.log import say
 from fovea.packing import IGNORE_INDEX, Sample
+from fovea.preprocess.document import open_document, sniff
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -33,7 +34,7 @@ class DataError(ValueError):
 class Record:
     id: Any  # the record's id, for messages
     messages: list[dict]  # OpenAI-style: role user/assistant/system, content text with <image> placeholders
-    images: list[str] = field(default_factory=list)  # image paths, resolved against the data file's folder
+    images: list[str] = field(default_factory=list)  # image paths (or doc.pdf#page=N), against the data file's folder
     problem: str | None = None  # what is structurally wrong with the record (reported when it is encoded)
 
 
@@ -113,11 +114,9 @@ def encode_record(record: Record, processor: Any) -> Sample:
     for m in messages:
         if m.get("role") not in ("user", "assistant", "system"):
             raise DataError(record.id, f"unknown role {m.get('role')!r} (expected human/gpt or user/assistant)")
-    for p in record.images:
-        if not Path(p).is_file():
-            raise DataError(record.id, f"image file {p!r} does not exist")
+    images = [_page(p, processor, record.id) for p in record.images]
     try:  # the model's own processor: images, chat template, placeholder expansion, instructions
-        prompt = processor(messages, record.images, add_generation_prompt=False)
+        prompt = processor(messages, images, add_generation_prompt=False)
     except ValueError as err:
         raise DataError(record.id, f"cannot be prepared: {err}") from None
     ids, labels = _answer_labels(prompt.messages, processor.tokenizer, record.id)  # (L0,), (L0,) unexpanded
@@ -129,6 +128,25 @@ def encode_record(record: Record, processor: Any) -> Sample:
     return Sample(input_ids=prompt.input_ids, labels=label_ids, images=[p.pixels for p in prompt.images],
                   instructions=prompt.instructions, visual_tokens=prompt.num_visual_tokens,
                   image_sizes=[p.original_size for p in prompt.images], id=record.id)
+
+
+def _page(path: str, processor: Any, record_id: Any):
+    """An image path, or ``file.pdf#page=N`` / ``scan.tif#page=N`` (one page of a document, rendered at the side the
+    model's encoder reads)."""
+    file, _, page = path.partition("#page=")
+    if not Path(file).is_file():
+        raise DataError(record_id, f"image file {file!r} does not exist")
+    with open(file, "rb") as fh:
+        kind = sniff(fh.read(1024))
+    if kind == "image" and not page:
+        return file
+    if not page:
+        raise DataError(record_id, f"{file!r} is a {kind.upper()}: name one page, e.g. {file}#page=1")
+    try:
+        side = processor.image_processor.cfg.max_side
+        return open_document(file, pages=page, max_pages=1, target_side=side).pages[0]
+    except ValueError as err:
+        raise DataError(record_id, str(err)) from None
 
 
 def _answer_labels(messages: list[dict], tokenizer: Any, record_id: Any) -> tuple[torch.Tensor, torch.Tensor]:

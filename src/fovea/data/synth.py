@@ -267,35 +267,64 @@ def question(key: str) -> str | None:
 
 def write_dataset(out: str | Path, *, num_pages: int, seed: int = 0, size: tuple[int, int] = (2880, 2160),
                   questions_per_page: int = 3, kinds: tuple[str, ...] = tuple(RENDERERS),
-                  progress=None) -> Path:
-    """Render ``num_pages`` pages (kinds in turn) as PNG under ``out/images`` and write ``out/data.json`` in the
-    LLaVA conversation format, one record per question, answers exact. Deterministic given ``seed``."""
+                  pdf_pages: int = 0, progress=None) -> Path:
+    """Render ``num_pages`` pages (kinds in turn) and write ``out/data.json`` in the LLaVA conversation format,
+    one record per question, answers exact. Deterministic given ``seed``. ``pdf_pages`` = 0: each page a PNG under
+    ``out/images``; K > 0: every K pages one PDF under ``out/docs`` (scanned-style, the page images embedded), and
+    each question shows the whole document ("Page N:" before each page) with its answer on one of the pages."""
     import json
 
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     width, height = size
     if width < 64 or height < 64:
         raise ValueError(f"page size {width}x{height} is too small to render text (at least 64x64)")
     unknown = [k for k in kinds if k not in RENDERERS]
     if unknown:
         raise ValueError(f"unknown page kinds {unknown}; available: {sorted(RENDERERS)}")
+    if pdf_pages < 0:
+        raise ValueError(f"pdf_pages must be >= 0, got {pdf_pages}")
+    (out / ("docs" if pdf_pages else "images")).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    records = []
+    records: list[dict] = []
+    pending: list[tuple[str, int, Page]] = []  # (kind, index, page) of the PDF being gathered
     for i in range(num_pages):
         kind = kinds[i % len(kinds)]
         page_seed = rng.randrange(2**31)
         page = RENDERERS[kind](width, height, seed=page_seed)
-        name = f"images/{kind}-{i:05d}.png"
-        page.image.save(out / name)
-        keys = [k for k in page.facts if question(k)]
-        for j, key in enumerate(random.Random(page_seed).sample(keys, min(questions_per_page, len(keys)))):
-            records.append({
-                "id": f"{kind}-{i:05d}-{j}", "image": name,
-                "conversations": [{"from": "human", "value": f"<image>\n{question(key)}"},
-                                  {"from": "gpt", "value": page.facts[key]}],
-            })
+        if pdf_pages:
+            pending.append((kind, page_seed, page))
+            if len(pending) == pdf_pages or i == num_pages - 1:
+                records += _pdf_records(out, len(records), pending, questions_per_page)
+                pending = []
+        else:
+            name = f"images/{kind}-{i:05d}.png"
+            page.image.save(out / name)
+            for j, key in enumerate(_asked(page, page_seed, questions_per_page)):
+                turns = [{"from": "human", "value": f"<image>\n{question(key)}"},
+                         {"from": "gpt", "value": page.facts[key]}]
+                records.append({"id": f"{kind}-{i:05d}-{j}", "image": name, "conversations": turns})
         if progress:
             progress(i + 1, num_pages)
     (out / "data.json").write_text(json.dumps(records, indent=1))
     return out / "data.json"
+
+
+def _asked(page: Page, page_seed: int, count: int) -> list[str]:
+    keys = [k for k in page.facts if question(k)]
+    return random.Random(page_seed).sample(keys, min(count, len(keys)))
+
+
+def _pdf_records(out: Path, first_id: int, pages: list[tuple[str, int, Page]], per_page: int) -> list[dict]:
+    """Write one PDF of ``pages`` and the records asking about it: every question sees every page."""
+    name = f"docs/doc-{first_id:06d}.pdf"
+    images = [page.image.copy() for _, _, page in pages]  # copies: Pillow's PDF writer must not reuse the objects
+    images[0].save(out / name, save_all=True, append_images=images[1:], resolution=72.0)
+    shown = "".join(f"Page {n}:\n<image>\n" for n in range(1, len(pages) + 1))
+    records = []
+    for number, (kind, page_seed, page) in enumerate(pages, start=1):
+        for key in _asked(page, page_seed, per_page):
+            records.append({"id": f"doc-{first_id:06d}-p{number}-{key}",
+                            "image": [f"{name}#page={n}" for n in range(1, len(pages) + 1)], "kind": kind,
+                            "conversations": [{"from": "human", "value": shown + question(key)},
+                                              {"from": "gpt", "value": page.facts[key]}]})
+    return records
