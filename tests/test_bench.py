@@ -114,3 +114,18 @@ def test_serve_bench_runs_every_mode(tmp_path):
             assert 0 < r["ttft_p50_s"] <= r["ttft_p90_s"] <= r["ttft_p99_s"]
     assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
     assert "fovea / hf-padded-batch throughput" in format_table(payload)
+
+
+def test_pages_bench_scales_tokens_with_pages(tmp_path):
+    from conftest import tiny_config
+
+    from fovea.bench.pages import format_table, run_pages_bench
+
+    payload = run_pages_bench(pages=(1, 3), llm="tiny-llama", max_side=128, budget=8, threads=2, dtype="float32",
+                              page_size=(320, 240), vision=tiny_config("fastvithd").vision, out_dir=tmp_path,
+                              progress=lambda s: None)
+    rows = {(r["pages"], r["layout"].split(",")[0]): r for r in payload["rows"]}
+    assert rows[(3, "FastViTHD + Q-Former")]["visual_tokens"] == 3 * 8  # the budget, per page
+    assert rows[(3, "FastViTHD + MLP")]["visual_tokens"] == 3 * rows[(1, "FastViTHD + MLP")]["visual_tokens"]
+    assert all(r["ttft_s"] > 0 and r["encode_s"] > 0 for r in payload["rows"])
+    assert (tmp_path / "pages.png").read_bytes()[:4] == b"\x89PNG" and "Q-Former" in format_table(payload)

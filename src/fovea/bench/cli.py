@@ -69,6 +69,19 @@ def cmd_bench_faults(llm: str, honest: int, burst: int, threads: int | None, out
     return 0 if report["ok"] else 1
 
 
+def cmd_bench_pages(pages: str, llm: str, max_side: int, budget: int, threads: int | None, out: str,
+                    device: str = "auto", dtype: str = "auto") -> int:
+    """TTFT for 1-, 4- and 16-page PDFs: a fixed token budget per page (Q-Former) against the 1:1 layout
+    (FastViTHD + MLP), through the engine with caches off; JSON + PNG."""
+    from fovea.bench.pages import format_table, run_pages_bench
+
+    counts = tuple(int(v) for v in pages.split(","))
+    payload = run_pages_bench(pages=counts, llm=llm, max_side=max_side, budget=budget, threads=threads,
+                              device=device, dtype=dtype, out_dir=out, progress=lambda s: print(s, flush=True))
+    print(format_table(payload))
+    return 0
+
+
 def _placement_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native, else float32), float32, bfloat16, float16")
@@ -86,6 +99,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bench-results", help="directory for packing.json and packing.png")
     _placement_flags(p)
     p.set_defaults(run=lambda a: cmd_bench_packing(a.lm, a.quick, a.threads, a.repeats, a.out, a.device, a.dtype))
+
+    p = which.add_parser("pages", help=cmd_bench_pages.__doc__, description=cmd_bench_pages.__doc__)
+    p.add_argument("--pages", default="1,4,16", help="document lengths to time, comma-separated")
+    p.add_argument("--llm", default="smollm2", help="LLM (smollm2 if fetched, else its random shape)")
+    p.add_argument("--max-side", type=int, default=1024, help="long side each page is rendered and encoded at")
+    p.add_argument("--budget", type=int, default=64, help="the Q-Former's visual tokens per page")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--out", default="bench-results", help="directory for pages.json and pages.png")
+    _placement_flags(p)
+    p.set_defaults(run=lambda a: cmd_bench_pages(a.pages, a.llm, a.max_side, a.budget, a.threads, a.out, a.device,
+                                                 a.dtype))
 
     p = which.add_parser("encoder", help=cmd_bench_encoder.__doc__, description=cmd_bench_encoder.__doc__)
     p.add_argument("--quick", action="store_true", help="336, 672 and 1024 px only")

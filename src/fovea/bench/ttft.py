@@ -80,7 +80,7 @@ def default_layouts(quick: bool, max_side: int) -> list[Layout]:
     return layouts
 
 
-def _resolve_llm(name: str) -> tuple[str, str]:
+def resolve_llm(name: str) -> tuple[str, str]:
     """(preset to build, label): 'smollm2' falls back to its random same-shape preset when not fetched."""
     if name == "smollm2" and not (smollm2_dir() / "config.json").is_file():
         return "smollm2-135m-shape", "smollm2-135m-shape (random; run `fovea fetch-llm smollm2` for real weights)"
@@ -312,7 +312,7 @@ def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_si
     encoders: dict[str, Any] = {}
     features_cache: dict[str, Any] = {}
     for llm_name in llms:
-        preset, label = _resolve_llm(llm_name)
+        preset, label = resolve_llm(llm_name)
         progress(f"[bench ttft] LLM {label}: loading ...")
         torch.manual_seed(0)
         lm, tokenizer = build_lm(LMConfig(name=preset))
