@@ -200,6 +200,31 @@ def cmd_synth(out: str, pages: int, seed: int, size: str, questions: int, pdf_pa
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Read a corpus: every document (folder, glob or JSONL manifest of images, PDFs, TIFFs) asked every question of
+    an extraction schema (YAML: fields: {name: question}); one JSON line per document and field, resumable. Runs on
+    Ray Data actors (fovea-vlm[batch]; local by default, --address for a cluster) or in this process (--no-ray)."""
+    from fovea.batch.inputs import collect_documents, read_questions
+
+    documents = collect_documents(args.input)  # a missing input or bad schema fails before any worker starts
+    questions = read_questions(args.questions)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ValueError("fovea batch runs on Ray Data: pip install 'fovea-vlm[batch]' (or pass --no-ray)") \
+                from None
+    from fovea.batch.runner import run_batch
+
+    stats = run_batch(documents, questions, args.out, model=args.model, llm=args.llm, workers=args.workers,
+                      use_ray=args.ray, address=args.address, gpus_per_worker=args.gpus_per_worker,
+                      threads_per_worker=args.threads_per_worker, device=args.device, dtype=args.dtype)
+    print(json.dumps(stats))
+    return 0
+
+
 def cmd_train(config: str | None, resume: bool, overrides: dict) -> int:
     """Train the bridge (stage align) or the bridge plus the LLM (stage finetune, full or LoRA) on packed batches.
     Settings come from CONFIG.yaml, then from flags. Under torchrun the same command runs DDP or FSDP2."""
@@ -371,6 +396,23 @@ def _add_synth(sub) -> None:
     p.set_defaults(run=lambda a: cmd_synth(a.out, a.pages, a.seed, a.size, a.questions, a.pdf_pages))
 
 
+def _add_batch(sub) -> None:
+    p = sub.add_parser("batch", help=cmd_batch.__doc__, description=cmd_batch.__doc__)
+    p.add_argument("input", help="a folder, a glob (quoted) or a JSONL manifest of documents")
+    p.add_argument("--questions", required=True, help="YAML extraction schema: fields: {name: question}")
+    p.add_argument("--out", default="results.jsonl", help="JSONL output; a re-run skips documents already in it")
+    p.add_argument("--model", default=None, help="fovea model directory or preset (default fastvithd-qformer-64)")
+    p.add_argument("--llm", default=None, help="LLM for a preset (default: smollm2 if fetched, else its shape)")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, each holding one model")
+    p.add_argument("--no-ray", dest="ray", action="store_false", help="read in this process, without Ray")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start one on this machine)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each worker holds (0: CPU workers)")
+    p.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: the "
+                   "cores divided among the workers)")
+    add_placement_args(p, threads=False)
+    p.set_defaults(run=cmd_batch)
+
+
 def _add_train(sub, flags: bool = True) -> None:
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     p.add_argument("config", nargs="?", help="YAML file of training settings (flags override it)")
@@ -432,6 +474,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_info(sub)
     _add_synth(sub)
+    _add_batch(sub)
     _add_train(sub, flags=command in (None, "train"))
     _add_pretrain(sub, flags=command in (None, "pretrain"))
     _add_eval(sub)

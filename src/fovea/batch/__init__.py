@@ -1,0 +1,1 @@
+"""Batch reading of a corpus: documents x questions -> a table, on this machine or a Ray cluster."""
