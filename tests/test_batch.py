@@ -102,3 +102,14 @@ def test_bad_inputs_fail_before_any_worker(tmp_path, corpus):
                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
         assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr
         assert message in run.stderr
+
+
+@pytest.mark.slow  # starts Ray twice and a server: about two minutes on 2 cores
+def test_batch_bench_measures_every_mode(corpus, tmp_path):
+    from fovea.bench.batch import format_table, run_batch_bench
+
+    payload = run_batch_bench(documents=2, model=str(corpus / "model"), page_size=(320, 240), workers=(1, 2),
+                              clients=2, out_dir=tmp_path, progress=lambda s: None)
+    assert [r["workers"] for r in payload["rows"]] == [1, 2, 1]
+    assert all(r["documents_per_hour"] > 0 for r in payload["rows"])
+    assert (tmp_path / "batch.png").read_bytes()[:4] == b"\x89PNG" and "fovea serve" in format_table(payload)

@@ -21,6 +21,7 @@ from PIL import Image
 from fovea import VLM
 from fovea.engine import Engine, EngineConfig, SamplingParams
 from fovea.serve import create_app
+from fovea.serve.loopback import LoopbackServer
 
 
 def _png(size=(160, 120), seed=1) -> bytes:
@@ -53,17 +54,8 @@ def _model() -> VLM:
 
 
 def _serve(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    return server, thread, f"http://127.0.0.1:{port}"
+    running = LoopbackServer(app, log_level="warning").start()
+    return running.server, running.thread, running.url
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,17 @@ def cmd_bench_pages(pages: str, llm: str, max_side: int, budget: int, threads: i
     return 0
 
 
+def cmd_bench_batch(documents: int, model: str | None, llm: str | None, clients: int, out: str) -> int:
+    """Documents per hour: `fovea batch` on 1 and 2 Ray workers and the same pages sent to `fovea serve` by a
+    client pool, in one run; JSON + PNG."""
+    from fovea.bench.batch import format_table, run_batch_bench
+
+    payload = run_batch_bench(documents=documents, model=model, llm=llm, clients=clients, out_dir=out,
+                              progress=lambda s: print(s, flush=True))
+    print(format_table(payload))
+    return 0
+
+
 def _placement_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native, else float32), float32, bfloat16, float16")
@@ -99,6 +110,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bench-results", help="directory for packing.json and packing.png")
     _placement_flags(p)
     p.set_defaults(run=lambda a: cmd_bench_packing(a.lm, a.quick, a.threads, a.repeats, a.out, a.device, a.dtype))
+
+    p = which.add_parser("batch", help=cmd_bench_batch.__doc__, description=cmd_bench_batch.__doc__)
+    p.add_argument("--documents", type=int, default=8, help="2880x2160 contract pages to read")
+    p.add_argument("--model", default=None, help="fovea model directory or preset (default fastvithd-qformer-64)")
+    p.add_argument("--llm", default=None, help="LLM for a preset (default: smollm2 if fetched, else its shape)")
+    p.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients against fovea serve")
+    p.add_argument("--out", default="bench-results", help="directory for batch.json and batch.png")
+    p.set_defaults(run=lambda a: cmd_bench_batch(a.documents, a.model, a.llm, a.clients, a.out))
 
     p = which.add_parser("pages", help=cmd_bench_pages.__doc__, description=cmd_bench_pages.__doc__)
     p.add_argument("--pages", default="1,4,16", help="document lengths to time, comma-separated")

@@ -186,13 +186,12 @@ def run_faults_bench(*, llm: str = "smollm2-135m-shape", honest: int = 64, burst
                      progress: Callable[[str], None] = say) -> dict[str, Any]:
     """Start fovea's server on loopback (the serve benchmark's model, an API key, default limits) and replay the
     fault table against it at full scale; JSON + PNG."""
-    import uvicorn
-
     from fovea.bench.common import environment, save_results
     from fovea.bench.serve import build_bench_model
     from fovea.engine import Engine, EngineConfig
     from fovea.runtime import placement
     from fovea.serve import ServerLimits, create_app
+    from fovea.serve.loopback import LoopbackServer
 
     place = placement("auto", "auto", threads)
     model = build_bench_model(llm, 512).place(place.device, place.dtype)
@@ -200,22 +199,12 @@ def run_faults_bench(*, llm: str = "smollm2-135m-shape", honest: int = 64, burst
     engine.start()
     limits = ServerLimits()
     key = "fault-check"
-    app = create_app(engine, api_key=key, limits=limits)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
     try:
-        report = run_fault_check(f"http://127.0.0.1:{port}", api_key=key, honest=honest, burst=burst,
-                                 max_body_bytes=limits.max_body_bytes, max_images=limits.max_images,
-                                 max_prompt_chars=1024 * 16, progress=progress)
+        with LoopbackServer(create_app(engine, api_key=key, limits=limits)) as url:
+            report = run_fault_check(url, api_key=key, honest=honest, burst=burst,
+                                     max_body_bytes=limits.max_body_bytes, max_images=limits.max_images,
+                                     max_prompt_chars=1024 * 16, progress=progress)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         engine.stop()
     payload = {"benchmark": "faults", "env": environment(), "llm": llm, "report": report,
                "command": f"fovea bench faults --honest {honest} --burst {burst}"}
