@@ -394,8 +394,9 @@ def export_reader(reader: Reader, cfg: ReadingConfig, folder: Path, result: Read
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"license": "Apache-2.0", "provenance": "fovea reading curriculum (fovea pretrain), trained from scratch "
-            "on rendered DejaVu text; no third-party weights", "encoder": cfg.encoder,
+    start = f"continued from {cfg.init}" if cfg.init else "trained from scratch"
+    meta = {"license": "Apache-2.0", "provenance": f"fovea reading curriculum (fovea pretrain), {start} on rendered "
+            "DejaVu text; no third-party weights", "encoder": cfg.encoder,
             "steps": str(len(result.losses)), "cpu_hours": f"{result.cpu_seconds / 3600:.2f}"}
     enc = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in reader.encoder.model.state_dict().items()
            if v.is_floating_point()}
