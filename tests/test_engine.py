@@ -371,3 +371,21 @@ def test_detokenizer_falls_back_to_full_decode_for_slow_tokenizers():
 
     detok = Detokenizer(Slow())
     assert [detok.add(i) for i in [0, 1, 2]] == ["a", "b", "c"] and detok.text == "abc"
+
+
+def test_an_instruction_aware_bridge_encodes_a_page_once_for_every_question():
+    """Features are cached by content; the Q-Former reads each question: different tokens, one encode."""
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config("fastvithd", "qformer", instruction_aware=True)).eval()
+    engine = Engine(model, EngineConfig(max_batch=2, max_len=256))
+    calls = []
+    encode = model.encode
+    model.encode = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    image = Image.effect_noise((200, 150), 50).convert("RGB")
+    first = engine.add_request(_ask("What is the total?"), [image], SamplingParams(max_tokens=2))
+    second = engine.add_request(_ask("Who signed the contract?"), [image], SamplingParams(max_tokens=2))
+    engine.run_until_done()
+    assert calls == [1] and second.metrics.encoder_cache_hits == 1 and second.metrics.encode_ms == 0
+    start, end = _image_span(first)
+    assert not torch.equal(first.prompt_embeds[start:end], second.prompt_embeds[start:end])  # the question counts
+    assert second.metrics.cached_tokens < start + 1  # nor does the prefix cache reuse the other question's tokens

@@ -204,14 +204,16 @@ class VLM(nn.Module):
         instructions: Sequence[torch.Tensor] | None = None,
         image_sizes: Sequence[tuple[int, int]] | None = None,
         timings: dict[str, float] | None = None,
+        features: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Visual tokens per image, [(3,H_i,W_i)] -> [(Q_i,D)]: encode, then compress. ``image_sizes``: each
         image's original (h, w). ``timings``, when given, receives ``encode_s`` and ``compress_s`` (the engine
-        reports them per request)."""
+        reports them per request). ``features``: the images' encoder output when the caller has it (the engine's
+        encoder cache): encoding is skipped."""
         if not pixels:
             return []
         t0 = time.perf_counter()
-        features = self.encode(pixels)
+        features = self.encode(pixels) if features is None else features
         t1 = time.perf_counter()
         tokens = self.compress(features, instructions, image_layouts(pixels, image_sizes))
         if timings is not None:

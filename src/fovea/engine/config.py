@@ -11,7 +11,7 @@ class EngineConfig:
     max_len: int = 2048  # positions per request (prompt + answer); the context limit requests are checked against
     step_tokens: int = 1024  # token budget of one step's packed stream (decode tokens + prefill chunks)
     max_waiting: int = 64  # requests queued beyond the running ones; more raise QueueFull
-    encoder_cache: int = 32  # images whose visual tokens are kept, keyed by content hash (LRU)
+    encoder_cache: int = 32  # images whose encoder features are kept, keyed by content hash (LRU)
     prefix_cache: int = 8192  # prompt positions whose keys/values are kept for prompts that begin the same way (0: off)
 
     def validate(self) -> None:

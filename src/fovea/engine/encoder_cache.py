@@ -1,5 +1,5 @@
-"""Visual tokens of images already seen, keyed by content, and single-flight encoding: an image that one request
-is encoding is waited for by the others, never encoded twice."""
+"""Encoder features of images already seen, keyed by content, and single-flight encoding: an image that one
+request is encoding is waited for by the others, never encoded twice."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 
 class EncoderCache:
-    """An LRU of ``capacity`` images' visual tokens (0: no reuse of any kind, not even between concurrent
+    """An LRU of ``capacity`` images' encoder features (0: no reuse of any kind, not even between concurrent
     requests). Thread-safe: requests prepare on their own threads, and different images still encode in
     parallel."""
 
@@ -24,8 +24,8 @@ class EncoderCache:
 
     def get(self, keys: Sequence[str], compute: Callable[[list[int]], list[torch.Tensor]]
             ) -> tuple[list[torch.Tensor], int]:
-        """Visual tokens for each key, in order, and how many images were not computed here. ``compute(indices)``
-        returns the tokens of ``keys[i]`` for each index given (the images this call must encode)."""
+        """The value for each key, in order, and how many images were not computed here. ``compute(indices)``
+        returns the values of ``keys[i]`` for each index given (the images this call must encode)."""
         found: dict[str, torch.Tensor] = {}
         mine: dict[str, Future] = {}
         waits: dict[str, Future] = {}

@@ -103,33 +103,44 @@ class Engine:
             self.wakeup.notify()
         return request
 
-    def _image_keys(self, prompt) -> list[str]:
-        """A content hash per image: what its visual tokens depend on (pixels, original size, instruction)."""
-        aware = self.model.config.connector.instruction_aware
+    @staticmethod
+    def _pixel_keys(prompt) -> list[str]:
+        """A content hash per image: what its encoder features depend on (pixels and original size)."""
         keys = []
-        for i, img in enumerate(prompt.images):
+        for img in prompt.images:
             h = hashlib.sha256(img.pixels.numpy().tobytes())
             h.update(repr(img.original_size).encode())  # LLaVA-NeXT's token layout depends on it
-            if aware:
-                h.update(prompt.instructions[i].numpy().tobytes())
             keys.append(h.hexdigest())
         return keys
 
+    def _image_keys(self, prompt) -> list[str]:
+        """A hash per image of what its visual tokens depend on: its content, and the instruction when the
+        connector reads one (the prefix cache must not reuse one question's tokens for another)."""
+        if not self.model.config.connector.instruction_aware:
+            return self._pixel_keys(prompt)
+        return [hashlib.sha256(key.encode() + prompt.instructions[i].numpy().tobytes()).hexdigest()
+                for i, key in enumerate(self._pixel_keys(prompt))]
+
     def _visual_tokens(self, prompt, keys: list[str], metrics: RequestMetrics) -> torch.Tensor:
-        """(N,D) visual tokens for the prompt's images, through the encoder cache."""
+        """(N,D) visual tokens for the prompt's images. Encoder features come through the encoder cache, keyed by
+        content alone, so every question about a page (instruction-aware connectors included) encodes it once;
+        the connector then runs per request."""
         model = self.model
         if not keys:
             return torch.empty(0, model.lm.config.hidden_size, device=model.device, dtype=model.lm.dtype)
+        pixels = [img.pixels for img in prompt.images]
 
-        def compute(todo: list[int]) -> list[torch.Tensor]:
-            timings: dict[str, float] = {}
-            tokens = model.image_tokens([prompt.images[i].pixels for i in todo],
-                                        [prompt.instructions[i] for i in todo],
-                                        [prompt.images[i].original_size for i in todo], timings)
-            metrics.encode_ms, metrics.compress_ms = 1e3 * timings["encode_s"], 1e3 * timings["compress_s"]
-            return tokens
+        def encode(todo: list[int]) -> list[torch.Tensor]:
+            start = time.perf_counter()
+            features = model.encode([pixels[i] for i in todo])
+            metrics.encode_ms = 1e3 * (time.perf_counter() - start)
+            return features
 
-        tokens, metrics.encoder_cache_hits = self.encoder_cache.get(keys, compute)
+        features, metrics.encoder_cache_hits = self.encoder_cache.get(self._pixel_keys(prompt), encode)
+        timings: dict[str, float] = {}
+        tokens = model.image_tokens(pixels, prompt.instructions, [img.original_size for img in prompt.images],
+                                    timings, features=features)
+        metrics.compress_ms = 1e3 * timings["compress_s"]
         return torch.cat(tokens)
 
     def clear_caches(self) -> None:
