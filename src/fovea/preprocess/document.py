@@ -84,8 +84,9 @@ def open_document(source: Any, *, pages: str | None = None, max_pages: int = DEF
     if kind == "tiff":
         return _open_tiff(data, label, pages, max_pages, max_pixels)
     parse_pages(pages, 1)
-    return Document(name=label, kind="image", pages=[load_image(data, max_pixels=max_pixels)], numbers=[1],
-                    total_pages=1)
+    image = load_image(source if isinstance(source, str | os.PathLike) else data, max_pixels=max_pixels)  # errors
+    # name the file when there is one
+    return Document(name=label, kind="image", pages=[image], numbers=[1], total_pages=1)
 
 
 def _read(source: Any, name: str | None) -> tuple[bytes | None, str]:
