@@ -104,7 +104,7 @@ def test_corrupt_checkpoint_is_named(tmp_path):
 @pytest.mark.parametrize(("change", "message"), [
     ({"encoder": "no-such-encoder"}, "unknown encoder 'no-such-encoder'"),
     ({"fonts": ("Comic.ttf",)}, r"font\(s\) \['Comic.ttf'\] do not exist"),
-    ({"line_size": (30, 128)}, "line_size 30x128 is not divisible by the encoder stride 16"),
+    ({"line_size": (30, 128)}, r"line_size 128x30 \(WxH\) is not divisible by the encoder stride 16"),
     ({"sizes": (10, 40)}, r"sizes \(10, 40\) must satisfy"),
     ({"lines": 0, "blocks": 0}, "not both 0"),
 ])

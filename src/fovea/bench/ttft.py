@@ -158,7 +158,7 @@ def measure_layout(model: VLM, page, *, features_cache: dict, warmup: int, repea
     stages = {"preprocess": pre, "encode": enc, "compress": comp, "prefill": pf}
     row = {
         "visual_tokens": sum(prompt.num_visual_tokens), "prompt_tokens": int(ids.shape[1]),
-        "input": "x".join(str(s) for s in pixels[0].shape[-2:]),
+        "input": "x".join(str(s) for s in reversed(pixels[0].shape[-2:])),  # WxH
         **{f"{k}_s": v.median_s for k, v in stages.items()},
         "stage_timings": {k: v.to_dict() for k, v in stages.items()},
         "ttft_s": sum(v.median_s for v in stages.values()),

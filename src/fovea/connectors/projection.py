@@ -96,7 +96,7 @@ class LlavaNext(MLP):
             cols = n // rows
             if rows * cols == n and (rows + 1) * canvas[1] == canvas[0] * cols:
                 return rows, cols
-        raise ValueError(f"grid {h}x{w} does not fit an AnyRes input of {canvas[0]}x{canvas[1]} pixels")
+        raise ValueError(f"grid {h}x{w} does not fit an AnyRes input of {canvas[1]}x{canvas[0]} pixels (WxH)")
 
     @staticmethod
     def _unpadded(height: int, width: int, original: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -87,7 +87,7 @@ class ReadingConfig:
         for name in ("line_size", "block_size"):
             h, w = getattr(self, name)
             if h % stride or w % stride:
-                raise ValueError(f"{name} {h}x{w} is not divisible by the encoder stride {stride}")
+                raise ValueError(f"{name} {w}x{h} (WxH) is not divisible by the encoder stride {stride}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReadingConfig:

@@ -49,7 +49,7 @@ class Encoder(nn.Module):
         height, width = pixels.shape[-2:]
         if height % self.stride or width % self.stride:
             raise ValueError(
-                f"image size {height}x{width} is not a multiple of the encoder stride {self.stride}; "
+                f"image size {width}x{height} (WxH) is not a multiple of the encoder stride {self.stride}; "
                 "resize with fovea.preprocess first"
             )
 

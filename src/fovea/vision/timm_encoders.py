@@ -102,12 +102,12 @@ class TiledViT(Encoder):
         self.pinpoints = tuple(tuple(p) for p in cfg.pinpoints)
         for ph, pw in self.pinpoints:
             if ph % self.tile or pw % self.tile:
-                raise ValueError(f"pinpoint {ph}x{pw} is not a multiple of the tile size {self.tile}")
+                raise ValueError(f"pinpoint {pw}x{ph} (WxH) is not a multiple of the tile size {self.tile}")
 
     def _tiles(self, height: int, width: int) -> tuple[int, int]:
         rows, cols = height // self.tile - 1, width // self.tile  # the last tile row carries the base view
         if rows < 1 or cols < 1:
-            raise ValueError(f"AnyRes input {height}x{width} has no crop row above its base-view row "
+            raise ValueError(f"AnyRes input {width}x{height} (WxH) has no crop row above its base-view row "
                              f"(tile {self.tile}); build it with ImageProcessor / TiledViT.compose")
         return rows, cols
 
