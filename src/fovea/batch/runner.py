@@ -135,9 +135,14 @@ def _ray_rows(todo, questions, model, llm, workers, address, gpus, threads, devi
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                  **({} if address else {"num_cpus": max(workers, os.cpu_count() or 1),
                                         "object_store_memory": 256 * 2**20}))
+    import logging
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # fovea's own bar reports progress
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("ray")]:  # and Ray's INFO lines go
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         cores = max(1, (os.cpu_count() or 1) // workers)
         dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=len(todo))
