@@ -133,3 +133,23 @@ def test_reparameterized_encoder_gives_the_same_features_and_reloads(tmp_path, e
     save_model(model, tmp_path / "fused")
     loaded = load_model(tmp_path / "fused").eval()
     torch.testing.assert_close(loaded.encoder.features(pixels), after, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("connector", ["qformer", "perceiver", "mlp", "c_abstractor"])
+def test_attention_maps_say_where_the_queries_looked(connector):
+    torch.manual_seed(0)
+    model = VLM.from_config(tiny_config("fastvithd", connector, instruction_aware=connector == "qformer")).eval()
+    prompt = model.processor()([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "total?"}]}],
+                               [Image.effect_noise((300, 200), 40).convert("RGB")])
+    pixels = [img.pixels for img in prompt.images]
+    (found,) = model.attention_maps(pixels, prompt.instructions)
+    if connector in ("mlp", "c_abstractor"):  # no queries: every cell is read once
+        assert found is None
+        return
+    assert found.shape == model.encoder.grid(*pixels[0].shape[-2:])
+    assert (found >= 0).all() and abs(float(found.sum()) - 1) < 1e-5
+    if connector == "qformer":  # an instruction-aware Q-Former looks differently for another question
+        question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "who signed the lease?"}]}]
+        other = model.processor()(question, [Image.effect_noise((300, 200), 40).convert("RGB")])
+        (again,) = model.attention_maps(pixels, other.instructions)
+        assert not torch.allclose(found, again)

@@ -44,6 +44,27 @@ def test_blip2_qformer_model_parity(tmp_path):
     assert (got - expected).abs().max().item() < 1e-5
 
 
+def test_attention_map_equals_transformers_cross_attentions(tmp_path):
+    """Where the Q-Former looked is BLIP-2's own cross-attention probabilities, averaged over layers, heads and
+    queries, laid out on the feature grid."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    peer = _randomise(Blip2QFormerModel(Blip2QFormerConfig(**QCFG)))
+    peer.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="query_tokens"):
+        ours = load_qformer(tmp_path, num_queries=6, out_dim=16)
+    peer.set_attn_implementation("eager")  # the implementation that returns attention probabilities
+    feats, tokens = _features()
+    with torch.no_grad():
+        queries = ours.query_tokens.expand(2, -1, -1)
+        crosses = peer(query_embeds=queries, encoder_hidden_states=tokens, output_attentions=True).cross_attentions
+        expected = torch.stack([a for a in crosses if a is not None]).mean(dim=(0, 2, 3)).view(2, 3, 4)  # (B,h,w)
+        got = ours.attention_map(feats)
+    assert got.shape == (2, 3, 4)
+    assert torch.allclose(got.sum(dim=(1, 2)), torch.ones(2), atol=1e-5)
+    assert (got - expected).abs().max().item() < 1e-6
+
+
 def test_blip2_full_model_query_tokens_and_projection(tmp_path):
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 

@@ -186,14 +186,7 @@ class VLM(nn.Module):
         out: list[torch.Tensor | None] = [None] * len(features)
         for grid, idx in _group_by_shape(features).items():
             feats = torch.stack([features[i] for i in idx]).to(self.connector_dtype)  # (b,C,h,w)
-            text, mask, kw = None, None, {}
-            if instructions and self.config.connector.instruction_aware:
-                ids, mask = self._instruction_ids([instructions[i] for i in idx])  # (b,L)
-                if self.connector.has_own_vocabulary:
-                    kw["text_ids"] = ids
-                else:
-                    text = self.lm.get_input_embeddings()(ids).to(self.connector_dtype)  # (b,L,D)
-            tokens = self.connector(feats, text, mask, **kw)  # (b,Q,D)
+            tokens = self.connector(feats, **self._instruction_inputs(instructions, idx))  # (b,Q,D)
             for j, i in enumerate(idx):
                 out[i] = self.connector.arrange(tokens[j], grid[-2:], *layouts[i]) if layouts else tokens[j]
         return out  # type: ignore[return-value]
@@ -257,6 +250,29 @@ class VLM(nn.Module):
                              f"{self.lm.config._attn_implementation!r}; call fovea.attention.use_backend(model.lm)")
         return self(batch.input_ids[None].to(self.device), batch.images, batch.instructions or None,
                     batch.image_sizes, **batch.lm_kwargs(), **lm_kwargs)
+
+    @torch.no_grad()
+    def attention_maps(
+        self, pixels: Sequence[torch.Tensor], instructions: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor | None]:
+        """Per image, where the connector's queries looked: an (h_i,w_i) map over the encoder grid summing to 1
+        (Q-Former, Perceiver), or None for connectors without queries."""
+        out: list[torch.Tensor | None] = []
+        for i, features in enumerate(self.encode(pixels)):
+            feats = features[None].to(self.connector_dtype)  # (1,C,h,w)
+            found = self.connector.attention_map(feats, **self._instruction_inputs(instructions, [i]))
+            out.append(None if found is None else found[0].float())
+        return out
+
+    def _instruction_inputs(self, instructions: Sequence[torch.Tensor] | None, idx: Sequence[int]) -> dict:
+        """The connector's instruction arguments for images ``idx``: the LLM's embeddings of their instructions, or
+        ids in the Q-Former's own vocabulary; nothing when the connector reads no instruction."""
+        if not instructions or not self.config.connector.instruction_aware:
+            return {}
+        ids, mask = self._instruction_ids([instructions[i] for i in idx])  # (b,L)
+        if self.connector.has_own_vocabulary:
+            return {"text_ids": ids, "text_mask": mask}
+        return {"text_embeds": self.lm.get_input_embeddings()(ids).to(self.connector_dtype), "text_mask": mask}
 
     def _instruction_ids(self, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         longest = max(1, max(len(t) for t in ids))

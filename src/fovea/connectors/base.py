@@ -41,6 +41,13 @@ class Connector(nn.Module):
     def num_output_tokens(self, h: int, w: int) -> int:
         raise NotImplementedError
 
+    def attention_map(self, features: torch.Tensor, text_embeds: torch.Tensor | None = None,
+                      text_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+        """Where the connector looked: (B,h,w), the share of its queries' cross-attention on each feature cell,
+        averaged over queries, heads and layers (each map sums to 1). None for connectors without queries, which
+        read every cell once (linear, MLP, pooling, C-Abstractor)."""
+        return None
+
     # Connectors whose token layout depends on the image's original size (LLaVA-NeXT's unpadding) set this and
     # override the two methods below; every other connector's tokens are final as ``forward`` returns them.
     needs_image_size: bool = False

@@ -32,6 +32,21 @@ def _image_tokens(features: torch.Tensor, position_encoding: bool) -> torch.Tens
     return tokens
 
 
+def _mean_map(connector: Connector, modules: list[nn.Module], features: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Run ``connector`` once, catch each cross-attending module's inputs, and average their ``weights`` over
+    heads, queries and modules: (B,h,w), each map summing to 1."""
+    caught: list[tuple] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: caught.append((m, args[:2]))) for m in modules]
+    try:
+        connector(features, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    b, _, h, w = features.shape
+    maps = torch.stack([m.weights(*args).mean(dim=(1, 2)) for m, args in caught])  # (layers,B,N)
+    return maps.mean(0).view(b, h, w)  # (B,N) -> (B,h,w)
+
+
 class PerceiverLayer(nn.Module):
     """Latents attend to [image tokens; latents] (Flamingo), then a feed-forward block; both pre-norm residual."""
 
@@ -47,6 +62,16 @@ class PerceiverLayer(nn.Module):
             nn.LayerNorm(dim), nn.Linear(dim, 4 * dim, bias=False), nn.GELU(), nn.Linear(4 * dim, dim, bias=False)
         )
         self.dropout = dropout
+
+    def weights(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The latents' attention probabilities over the image tokens (renormalised without the latents' own
+        keys): (B,H,Q,N)."""
+        x, lat = self.norm_media(media), self.norm_latents(latents)
+        k, _ = self.to_kv(torch.cat([x, lat], dim=1)).chunk(2, dim=-1)  # (B,N+Q,E)
+        q = _heads(self.to_q(lat), self.heads)  # (B,H,Q,d)
+        probs = torch.softmax(q @ _heads(k, self.heads).transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        image = probs[..., : media.shape[1]]  # (B,H,Q,N+Q) -> (B,H,Q,N)
+        return image / image.sum(-1, keepdim=True)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         x, lat = self.norm_media(media), self.norm_latents(latents)  # (B,N,E), (B,Q,E)
@@ -84,6 +109,9 @@ class PerceiverResampler(Connector):
             latents = layer(media, latents)
         return self.proj_out(self.norm(latents))  # (B,Q,E) -> (B,Q,D)
 
+    def attention_map(self, features, text_embeds=None, text_mask=None, **kwargs):
+        return _mean_map(self, list(self.layers), features, {})
+
     @property
     def budget(self) -> int:
         return self.num_queries
@@ -103,6 +131,11 @@ class QFormerAttention(nn.Module):
         self.value = nn.Linear(kv_dim, dim)
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=1e-12)
+
+    def weights(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities of ``x`` over ``context`` (no mask): (B,H,n,m)."""
+        q, k = _heads(self.query(x), self.heads), _heads(self.key(context), self.heads)  # (B,H,n,d), (B,H,m,d)
+        return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q = _heads(self.query(x), self.heads)  # (B,n,E) -> (B,H,n,E/H)
@@ -192,6 +225,11 @@ class QFormer(Connector):
         """``text_embeds`` (B,L,D) LLM embeddings of the instruction, or ``text_ids`` (B,L) in the Q-Former's own
         vocabulary; ``text_mask`` (B,L) marks real tokens."""
         return self.proj_out(self.query_states(features, text_embeds, text_mask, text_ids))  # (B,Q,D)
+
+    def attention_map(self, features, text_embeds=None, text_mask=None, text_ids=None, **kwargs):
+        crosses = [layer.crossattention for layer in self.layers if layer.crossattention is not None]
+        return _mean_map(self, crosses, features, {"text_embeds": text_embeds, "text_mask": text_mask,
+                                                   "text_ids": text_ids})
 
     def query_states(self, features, text_embeds=None, text_mask=None, text_ids=None) -> torch.Tensor:
         """The queries' last hidden states before the LLM projection, (B,Q,E): BLIP-2's ``query_output``."""
