@@ -255,3 +255,22 @@ def test_synth_writes_pdf_documents_that_training_reads(tmp_path):
     bad.images = [bad.images[0].split("#")[0]]  # a PDF without a page
     with pytest.raises(ValueError, match="name one page"):
         encode_record(bad, processor)
+
+
+def test_attention_endpoint_maps_every_page(served):
+    import httpx
+
+    engine, url = served
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [
+        _pdf_part(_pdf(2)), {"type": "text", "text": "What is the total?"}]}]}
+    r = httpx.post(url + "/v1/fovea/attention", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert len(images) == 2 and all(m["applies"] for m in images)
+    for m in images:
+        grid = (m["grid"]["height"], m["grid"]["width"])
+        assert grid == engine.model.encoder.grid(m["input"]["height"], m["input"]["width"])
+        assert len(m["weights"]) == grid[0] and abs(sum(map(sum, m["weights"])) - 1) < 1e-3
+    bad = httpx.post(url + "/v1/fovea/attention", json={**body, "messages": [{"role": "user", "content": [
+        _pdf_part(_encrypted(_pdf(1))), {"type": "text", "text": "q"}]}]}, timeout=60)
+    assert bad.status_code == 400 and "encrypted" in bad.json()["error"]["message"]

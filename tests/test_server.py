@@ -378,3 +378,11 @@ def test_empty_key_is_refused_and_metrics_can_be_public():
     with TestClient(create_app(engine, api_key="k", public_metrics=True)) as client:
         assert client.get("/metrics").status_code == 200
         assert client.get("/v1/models").status_code == 401
+
+
+def test_attention_endpoint_says_when_it_does_not_apply(live):
+    url, _, _ = live
+    r = httpx.post(url + "/v1/fovea/attention", timeout=60, json={"messages": _messages("What is the total?", _png())})
+    assert r.status_code == 200, r.text
+    (image,) = r.json()["images"]
+    assert image["applies"] is False and "no queries" in image["reason"]  # the live model's bridge is the MLP

@@ -254,6 +254,44 @@ async def prometheus(request: Request):
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
+@router.post("/v1/fovea/attention", dependencies=[Depends(require_key)])
+async def attention(body: ChatRequest, raw: Request):
+    """Where the connector's queries looked for this request's question: per image, the share of their
+    cross-attention on each cell of the encoder grid (Q-Former, Perceiver), with the geometry to lay it over the
+    page; connectors without queries say it does not apply. Same body and limits as chat completions."""
+    state = _state(raw)
+    model = state.engine.model
+    check_request(body, state.limits, state.max_prompt_tokens)
+
+    def compute() -> list[dict[str, Any]]:
+        pre = model.config.preprocess
+        messages, images = to_engine_input(body, state.local_dir, pre.max_pixels, state.limits.max_request_pixels,
+                                           state.limits.max_pages, pre.max_side)
+        try:
+            prompt = state.engine.processor(messages, images)
+        except ValueError as err:
+            raise ApiError(400, str(err), "messages") from None
+        maps = model.attention_maps([p.pixels for p in prompt.images], prompt.instructions)
+        out = []
+        for image, found in zip(prompt.images, maps, strict=True):
+            height, width = image.pixels.shape[-2:]
+            entry: dict[str, Any] = {"input": {"width": width, "height": height},
+                                     "content": {"width": image.content_size[1], "height": image.content_size[0]},
+                                     "pad_position": pre.pad_position}
+            if found is None:
+                entry.update(applies=False, reason=f"connector {model.config.connector.name!r} has no queries: "
+                             "it reads every cell of the grid once")
+            else:
+                entry.update(applies=True, grid={"width": found.shape[1], "height": found.shape[0]},
+                             weights=[[round(float(v), 6) for v in row] for row in found])
+            out.append(entry)
+        return out
+
+    images = await run_in_threadpool(compute)
+    return {"object": "fovea.attention", "model": state.model_name, "connector": model.config.connector.name,
+            "images": images}
+
+
 @router.post("/v1/chat/completions", dependencies=[Depends(require_key)])
 async def chat(body: ChatRequest, raw: Request):
     state = _state(raw)
