@@ -87,8 +87,9 @@ class Engine:
         if metrics.prompt_tokens + params.max_tokens > self.config.max_len:
             raise ValueError(f"prompt of {metrics.prompt_tokens} tokens plus max_tokens {params.max_tokens} exceeds "
                              f"the context length of {self.config.max_len} tokens")
-        image_keys = self._image_keys(prompt)
-        visual = self._visual_tokens(prompt, image_keys, metrics)  # (N,D)
+        pixel_keys = self._pixel_keys(prompt)  # hashed once: the encoder cache and the prefix cache both key on it
+        image_keys = self._image_keys(prompt, pixel_keys)
+        visual = self._visual_tokens(prompt, pixel_keys, metrics)  # (N,D)
         embeds = self.model.embed(prompt.input_ids.to(self.model.device), visual)  # (L,D)
         keys = position_keys(prompt.input_ids, self.model.image_token_id, image_keys, prompt.num_visual_tokens)
         request = Request(id=request_id or f"req-{next(self.counter)}", prompt_embeds=embeds, prompt_keys=keys,
@@ -113,20 +114,20 @@ class Engine:
             keys.append(h.hexdigest())
         return keys
 
-    def _image_keys(self, prompt) -> list[str]:
+    def _image_keys(self, prompt, pixel_keys: list[str]) -> list[str]:
         """A hash per image of what its visual tokens depend on: its content, and the instruction when the
         connector reads one (the prefix cache must not reuse one question's tokens for another)."""
         if not self.model.config.connector.instruction_aware:
-            return self._pixel_keys(prompt)
+            return pixel_keys
         return [hashlib.sha256(key.encode() + prompt.instructions[i].numpy().tobytes()).hexdigest()
-                for i, key in enumerate(self._pixel_keys(prompt))]
+                for i, key in enumerate(pixel_keys)]
 
-    def _visual_tokens(self, prompt, keys: list[str], metrics: RequestMetrics) -> torch.Tensor:
+    def _visual_tokens(self, prompt, pixel_keys: list[str], metrics: RequestMetrics) -> torch.Tensor:
         """(N,D) visual tokens for the prompt's images. Encoder features come through the encoder cache, keyed by
         content alone, so every question about a page (instruction-aware connectors included) encodes it once;
         the connector then runs per request."""
         model = self.model
-        if not keys:
+        if not pixel_keys:
             return torch.empty(0, model.lm.config.hidden_size, device=model.device, dtype=model.lm.dtype)
         pixels = [img.pixels for img in prompt.images]
 
@@ -136,7 +137,7 @@ class Engine:
             metrics.encode_ms = 1e3 * (time.perf_counter() - start)
             return features
 
-        features, metrics.encoder_cache_hits = self.encoder_cache.get(self._pixel_keys(prompt), encode)
+        features, metrics.encoder_cache_hits = self.encoder_cache.get(pixel_keys, encode)
         timings: dict[str, float] = {}
         tokens = model.image_tokens(pixels, prompt.instructions, [img.original_size for img in prompt.images],
                                     timings, features=features)
