@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fovea.bench.common import sync
-from fovea.model import VLM, image_layouts
+from fovea.model import VLM
 
 
 @dataclass
@@ -50,9 +50,8 @@ def first_token(
     if features is None:
         features = model.encode([img.pixels for img in prompt.images])  # [(C,h,w)]
     t2 = _now()
-    pixels = [img.pixels for img in prompt.images]
-    layouts = image_layouts(pixels, [img.original_size for img in prompt.images])
-    visual = model.compress(features, prompt.instructions, layouts)
+    visual = model.image_tokens([img.pixels for img in prompt.images], prompt.instructions,
+                                [img.original_size for img in prompt.images], features=features)
     t3 = _now()
     embeds = model.embed(prompt.input_ids[None].to(model.device), torch.cat(visual))  # (1,L,D)
     out = model.lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)

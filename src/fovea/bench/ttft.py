@@ -43,7 +43,7 @@ from fovea.connectors import build_connector
 from fovea.data.synth import render_contract
 from fovea.lm import build_lm, smollm2_dir
 from fovea.log import say
-from fovea.model import VLM, add_image_token, image_layouts
+from fovea.model import VLM, add_image_token
 from fovea.plotting import pyplot, save_figure
 from fovea.preprocess import grid_pinpoints
 from fovea.runtime import dtype_name, placement
@@ -144,9 +144,9 @@ def measure_layout(model: VLM, page, *, features_cache: dict, warmup: int, repea
 
         features_cache[cache_key] = (time_adaptive(encode, **kw), box["f"])
     enc, feats = features_cache[cache_key]
-    layouts = image_layouts(pixels, [img.original_size for img in prompt.images])
-    comp = time_adaptive(lambda: model.compress(feats, layouts=layouts), **kw)
-    visual = torch.cat(model.compress(feats, layouts=layouts))
+    sizes = [img.original_size for img in prompt.images]
+    comp = time_adaptive(lambda: model.image_tokens(pixels, image_sizes=sizes, features=feats), **kw)
+    visual = torch.cat(model.image_tokens(pixels, image_sizes=sizes, features=feats))
     ids = prompt.input_ids[None].to(model.device)
     token_box: dict[str, int] = {}
 
