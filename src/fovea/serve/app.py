@@ -192,6 +192,13 @@ def to_engine_input(req: ChatRequest, local_dir: Path | None, max_pixels: int,
     return messages, images
 
 
+def _engine_input(state: ServerState, body: ChatRequest) -> tuple[list[dict], list]:
+    """``to_engine_input`` under this server's limits and its model's image settings."""
+    pre = state.engine.model.config.preprocess
+    return to_engine_input(body, state.local_dir, pre.max_pixels, state.limits.max_request_pixels,
+                           state.limits.max_pages, pre.max_side)
+
+
 @dataclass
 class ServerState:
     """What the handlers read from ``app.state.fovea``."""
@@ -264,9 +271,7 @@ async def attention(body: ChatRequest, raw: Request):
     check_request(body, state.limits, state.max_prompt_tokens)
 
     def compute() -> list[dict[str, Any]]:
-        pre = model.config.preprocess
-        messages, images = to_engine_input(body, state.local_dir, pre.max_pixels, state.limits.max_request_pixels,
-                                           state.limits.max_pages, pre.max_side)
+        messages, images = _engine_input(state, body)
         try:
             prompt = state.engine.processor(messages, images)
         except ValueError as err:
@@ -277,7 +282,7 @@ async def attention(body: ChatRequest, raw: Request):
             height, width = image.pixels.shape[-2:]
             entry: dict[str, Any] = {"input": {"width": width, "height": height},
                                      "content": {"width": image.content_size[1], "height": image.content_size[0]},
-                                     "pad_position": pre.pad_position}
+                                     "pad_position": model.config.preprocess.pad_position}
             if found is None:
                 entry.update(applies=False, reason=f"connector {model.config.connector.name!r} has no queries: "
                              "it reads every cell of the grid once")
@@ -311,9 +316,7 @@ async def chat(body: ChatRequest, raw: Request):
     sink = _AsyncSink(asyncio.get_running_loop())
 
     def admit():  # in a worker thread: decoding, preprocessing and encoding never block the event loop
-        pre = engine.model.config.preprocess
-        messages, images = to_engine_input(body, state.local_dir, pre.max_pixels, state.limits.max_request_pixels,
-                                           state.limits.max_pages, pre.max_side)
+        messages, images = _engine_input(state, body)
         return engine.add_request(messages, images, params, request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
                                   events=sink)
 
