@@ -8,6 +8,7 @@ import io
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -274,3 +275,22 @@ def test_attention_endpoint_maps_every_page(served):
     bad = httpx.post(url + "/v1/fovea/attention", json={**body, "messages": [{"role": "user", "content": [
         _pdf_part(_encrypted(_pdf(1))), {"type": "text", "text": "q"}]}]}, timeout=60)
     assert bad.status_code == 400 and "encrypted" in bad.json()["error"]["message"]
+
+
+def test_pages_preview_renders_what_the_model_reads_within_the_limits(served):
+    """``/v1/fovea/pages`` (what the web page shows for a PDF or TIFF): one JPEG per page at the model's side with
+    the page's aspect ratio; the chat route's page limit, and its 400, apply."""
+    _, url = served
+    uri = _pdf_part(_pdf(3))["file"]["file_data"]
+    found = httpx.post(url + "/v1/fovea/pages", json={"file_data": uri, "filename": "c.pdf"}, timeout=60).json()
+    assert [p["page"] for p in found["pages"]] == [1, 2, 3]
+    for p in found["pages"]:
+        assert max(p["width"], p["height"]) == 256 and abs(p["width"] / p["height"] - 8.5 / 11) < 0.01
+        image = Image.open(io.BytesIO(base64.b64decode(p["image"].split(",", 1)[1])))
+        assert image.format == "JPEG" and image.size == (p["width"], p["height"])
+    over = httpx.post(url + "/v1/fovea/pages", json={"file_data": _pdf_part(_pdf(5))["file"]["file_data"]}, timeout=60)
+    assert over.status_code == 400 and "5 pages selected, the limit is 4" in over.json()["error"]["message"]
+    junk = httpx.post(url + "/v1/fovea/pages", json={"file_data": "data:application/pdf;base64,JVBERi0x"}, timeout=60)
+    assert junk.status_code == 400
+    info = httpx.get(url + "/v1/fovea/info", timeout=30).json()
+    assert info["limits"]["max_pages"] == 4 and info["max_side"] == 256 and info["model"] == "tiny"

@@ -386,3 +386,13 @@ def test_attention_endpoint_says_when_it_does_not_apply(live):
     assert r.status_code == 200, r.text
     (image,) = r.json()["images"]
     assert image["applies"] is False and "no queries" in image["reason"]  # the live model's bridge is the MLP
+
+
+def test_web_page_can_be_turned_off():
+    """``create_app(web=False)`` (``fovea serve --no-web``): the API only, ``/`` is a 404 in the API's shape."""
+    engine = Engine(_model(), EngineConfig(max_batch=2, max_len=256))
+    with TestClient(create_app(engine, web=False)) as client:
+        assert client.get("/").status_code == 404 and client.get("/web/app.js").status_code == 404
+        assert client.get("/v1/fovea/info").json()["attention_applies"] is False  # a 1:1 MLP bridge
+    with TestClient(create_app(engine)) as client:
+        assert client.get("/").status_code == 200 and client.get("/web/app.js").status_code == 200

@@ -120,7 +120,9 @@ def cmd_serve(model: str | None, host: str, port: int, args: argparse.Namespace)
                                       encoder_cache=args.encoder_cache, prefix_cache=args.prefix_cache))
     engine.start()
     app = create_app(engine, model_name=args.name, api_key=args.api_key, local_image_dir=args.allow_local_dir,
-                     limits=limits, public_metrics=args.public_metrics)
+                     limits=limits, public_metrics=args.public_metrics, web=not args.no_web)
+    if not args.no_web:
+        print(f"web page: http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}/", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}, beyond this machine", file=sys.stderr)
     try:
@@ -375,6 +377,7 @@ def _add_serve(sub) -> None:
                    help="prompt tokens per request (default: --max-len); longer text is refused before tokenizing")
     p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request body may stall (408)")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
+    p.add_argument("--no-web", action="store_true", help="do not serve the web page at / (the API only)")
     p.set_defaults(run=lambda a: cmd_serve(a.model, a.host, a.port, a))
 
 

@@ -29,6 +29,9 @@ class Connector(nn.Module):
     # Tokens per image whatever the grid, for compressors (Perceiver, Q-Former, C-Abstractor, pooling); None for
     # connectors that give one token per feature cell.
     budget: int | None = None
+    # True for connectors whose learned queries cross-attend the grid (Perceiver, Q-Former): ``attention_map`` then
+    # says where they looked; the others read every cell once and have no such map.
+    has_queries: bool = False
 
     def forward(
         self,

@@ -87,6 +87,8 @@ class PerceiverLayer(nn.Module):
 class PerceiverResampler(Connector):
     """Q learned latents read the image through ``num_layers`` cross-attention layers; output (B,Q,D)."""
 
+    has_queries = True
+
     def __init__(
         self, *, in_channels: int, out_dim: int, num_queries: int, dim: int, num_layers: int, heads: int,
         dropout: float = 0.0, position_encoding: bool = True,
@@ -187,6 +189,8 @@ class QFormer(Connector):
     (InstructBLIP), either as LLM embeddings through ``text_proj`` or, with ``text_vocab_size``, as ids in the
     Q-Former's own vocabulary (InstructBLIP's BERT embeddings). The query outputs are projected to the LLM width:
     (B,Q,D). Parameter names follow transformers' BLIP-2 so ``fovea.interop.blip2`` loads its weights."""
+
+    has_queries = True
 
     def __init__(
         self, *, in_channels: int, out_dim: int, num_queries: int, dim: int, num_layers: int, heads: int,

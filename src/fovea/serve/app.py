@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import io
 import json
 import time
 import uuid
@@ -20,7 +21,8 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,6 +31,11 @@ from fovea.engine import Engine, QueueFull, SamplingParams
 from fovea.preprocess.document import DEFAULT_MAX_PAGES, Document, open_document
 from fovea.serve.limits import CHARS_PER_TOKEN_BOUND, BodyLimits, ServerLimits, error_body, short
 from fovea.serve.metrics import CONTENT_TYPE, ServerMetrics
+
+WEB_DIR = Path(__file__).parent / "web"  # the web page: plain HTML, JS and CSS, no build step, nothing from a CDN
+# The page runs only its own files: no inline script, no third-party origin; images may be data: or blob: URLs.
+WEB_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+               "script-src 'self'; connect-src 'self'; frame-ancestors 'none'", "X-Content-Type-Options": "nosniff"}
 
 
 class ApiError(Exception):
@@ -297,6 +304,62 @@ async def attention(body: ChatRequest, raw: Request):
             "images": images}
 
 
+class PagesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file_data: str  # the document as a base64 data URI (image, PDF or TIFF), as in a chat ``file`` part
+    filename: str | None = None  # its name, for messages
+
+
+PREVIEW_SIDE = 1600  # the long side of a page preview: enough to read it on a screen, light to send back
+
+
+@router.get("/v1/fovea/info", dependencies=[Depends(require_key)])
+async def info(request: Request):
+    """What a client needs before it sends anything: the model, its bridge, and this server's limits."""
+    state = _state(request)
+    model = state.engine.model
+    return {"object": "fovea.info", "model": state.model_name, "encoder": model.config.vision.name,
+            "connector": model.config.connector.name, "visual_token_budget": model.connector.budget,
+            "attention_applies": model.connector.has_queries, "max_side": model.config.preprocess.max_side,
+            "limits": {"max_body_mb": state.limits.max_body_mb, "max_images": state.limits.max_images,
+                       "max_pages": state.limits.max_pages, "max_request_pixels": state.limits.max_request_pixels,
+                       "max_prompt_tokens": state.max_prompt_tokens}}
+
+
+@router.post("/v1/fovea/pages", dependencies=[Depends(require_key)])
+async def pages(body: PagesRequest, raw: Request):
+    """A document's pages as the model will see them (PDF pages rendered, TIFF frames split), as JPEG data URIs no
+    larger than ``PREVIEW_SIDE``: for clients that cannot draw PDFs or TIFFs. Same limits as chat."""
+    state = _state(raw)
+    pre = state.engine.model.config.preprocess
+
+    def render() -> list[dict[str, Any]]:
+        document = decode_document(body.file_data, "file_data", state.local_dir, pre.max_pixels,
+                                   state.limits.max_pages, pre.max_side, body.filename)
+        if document.pixels > state.limits.max_request_pixels:
+            raise ApiError(400, f"file_data: the document's pages reach {document.pixels:,} pixels; the limit is "
+                           f"{state.limits.max_request_pixels:,} per request (--max-request-pixels)", "file_data")
+        return [{"page": number, "width": page.width, "height": page.height, "image": _jpeg_uri(page)}
+                for number, page in zip(document.numbers, document.pages, strict=True)]
+
+    found = await run_in_threadpool(render)
+    return {"object": "fovea.pages", "pages": found}
+
+
+def _jpeg_uri(page) -> str:
+    preview = page.copy()
+    preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buf = io.BytesIO()
+    preview.convert("RGB").save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def web_page():
+    """The web page: no key needed to load it (it holds no data); it asks for the key when the API does."""
+    return FileResponse(WEB_DIR / "index.html", headers=WEB_HEADERS)
+
+
 @router.post("/v1/chat/completions", dependencies=[Depends(require_key)])
 async def chat(body: ChatRequest, raw: Request):
     state = _state(raw)
@@ -400,8 +463,10 @@ async def _sse(state: ServerState, request, sink: _AsyncSink, body: ChatRequest,
                 state.metrics.observe(event.metrics)
                 yield chunk({}, _reason(event.finish_reason))
                 if body.stream_options and body.stream_options.include_usage:
+                    # the stage times ride along (as in the non-streaming body) so a streaming client can show cost
                     usage = {"id": request.id, "object": "chat.completion.chunk", "created": created_at,
-                             "model": state.model_name, "choices": [], "usage": _usage(event.metrics)}
+                             "model": state.model_name, "choices": [], "usage": _usage(event.metrics),
+                             "fovea_metrics": event.metrics.to_dict() if event.metrics else None}
                     yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
     finally:  # the client went away mid-stream: free its slot
@@ -433,9 +498,10 @@ async def _http_error(_: Request, err: StarletteHTTPException):
 
 def create_app(engine: Engine, *, model_name: str = "fovea", api_key: str | None = None,
                local_image_dir: str | None = None, retry_after_s: int = 1, limits: ServerLimits | None = None,
-               public_metrics: bool = False) -> FastAPI:
+               public_metrics: bool = False, web: bool = True) -> FastAPI:
     """The FastAPI app over a started (or to-be-started) ``engine``. With ``api_key`` every route that reveals
-    anything needs it (``/metrics`` too unless ``public_metrics``) and the interactive docs are off."""
+    anything needs it (``/metrics`` too unless ``public_metrics``) and the interactive docs are off. ``web`` serves
+    the web page at ``/``."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: pass a non-empty --api-key, or none to serve without auth")
     limits = limits or ServerLimits()
@@ -449,6 +515,9 @@ def create_app(engine: Engine, *, model_name: str = "fovea", api_key: str | None
         public_metrics=public_metrics, retry_after_s=retry_after_s, created=int(time.time()))
     app.state.engine, app.state.metrics = engine, app.state.fovea.metrics
     app.include_router(router)
+    if web:
+        app.add_api_route("/", web_page, methods=["GET"], include_in_schema=False)
+        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)
