@@ -272,6 +272,33 @@ def cmd_eval_ocr(reader: str, lines: int, blocks: int, peer: bool, out: str | No
     return 0
 
 
+def cmd_eval_qa(data: str, args: argparse.Namespace) -> int:
+    """Question answering on held-out pages: normalised exact match (case, whitespace and currency symbols do not
+    count) per question kind and document kind, how often an answer the page does not hold is invented, and TTFT;
+    a Markdown table, qa-eval.json (every answer) and qa-eval.png."""
+    from fovea.data.records import read_records
+    from fovea.eval.qa import evaluate_qa, table
+    from fovea.loading import load_vlm
+
+    if not read_records(data):  # a missing or malformed data file is named before the model loads
+        raise ValueError(f"data file {data!r} has no records")
+    model = load_vlm(args.model, llm=args.llm, progress=lambda t: print(t, file=sys.stderr, flush=True),
+                     device=args.device, dtype=args.dtype, threads=args.threads, encoder_runtime=args.encoder_runtime)
+    from tqdm.auto import tqdm
+
+    with tqdm(desc="fovea eval", unit="question") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = evaluate_qa(data, model, max_tokens=args.max_tokens, batch=args.batch, limit=args.limit,
+                             out=args.out, title=args.title, progress=progress)
+    print(table(result))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'qa-eval.json'} and {Path(args.out) / 'qa-eval.png'}", file=sys.stderr)
+    return 0
+
+
 def _dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
     """One --flag per field of a settings dataclass, its help the field's comment and its default, its allowed
     values from the class's ``CHOICES`` (default None: unset flags leave the YAML/default value)."""
@@ -456,6 +483,17 @@ def _add_eval(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.set_defaults(run=lambda a: cmd_eval_ocr(a.reader or _bundled_reader(), a.lines, a.blocks, a.peer, a.out,
                                               a.threads))
+    p = ev.add_parser("qa", help=cmd_eval_qa.__doc__, description=cmd_eval_qa.__doc__ + " `fovea eval DATA.json` "
+                      "is short for `fovea eval qa DATA.json`.")
+    p.add_argument("data", help="records (LLaVA or messages JSON/JSONL, e.g. from `fovea synth`); each record's "
+                   "last answer is the reference, its 'kind' and 'field' (or 'question_kind') group the report")
+    add_model_args(p)
+    p.add_argument("--max-tokens", type=int, default=32, help="answer length bound")
+    p.add_argument("--batch", type=int, default=8, help="questions run together")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--out", default=None, help="folder for qa-eval.json and qa-eval.png")
+    p.add_argument("--title", default=None, help="the chart's title")
+    p.set_defaults(run=lambda a: cmd_eval_qa(a.data, a))
 
 
 def _add_convert(sub) -> None:
@@ -491,6 +529,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "eval":  # `fovea eval DATA.json` is the question-answering evaluation
+        at = argv.index("eval") + 1
+        if at < len(argv) and not argv[at].startswith("-") and argv[at] not in ("ocr", "qa"):
+            argv.insert(at, "qa")
     args = build_parser(command).parse_args(argv)
     from fovea.log import show_on_stderr
 

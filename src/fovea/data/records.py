@@ -19,6 +19,7 @@ from fovea.log import say
 from fovea.packing import IGNORE_INDEX, Sample
 from fovea.preprocess.document import open_document, sniff
 
+_STRUCTURAL = ("id", "image", "images", "conversations", "messages")  # keys a record is made of; the rest is meta
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -36,6 +37,7 @@ class Record:
     messages: list[dict]  # OpenAI-style: role user/assistant/system, content text with <image> placeholders
     images: list[str] = field(default_factory=list)  # image paths (or doc.pdf#page=N), against the data file's folder
     problem: str | None = None  # what is structurally wrong with the record (reported when it is encoded)
+    meta: dict = field(default_factory=dict)  # its other keys (document "kind", question "field", ...), for reports
 
 
 def _kind(value: Any) -> str:
@@ -99,7 +101,9 @@ def read_records(path: str | Path) -> list[Record]:
             records.append(Record(id=rid, messages=[], problem=f"is not an object, got {_kind(item)}"))
             continue
         messages, images, problem = _structure(item)
-        records.append(Record(id=rid, messages=messages, images=[str(root / p) for p in images], problem=problem))
+        meta = {k: v for k, v in item.items() if k not in _STRUCTURAL}
+        records.append(Record(id=rid, messages=messages, images=[str(root / p) for p in images], problem=problem,
+                              meta=meta))
     return records
 
 
@@ -114,7 +118,7 @@ def encode_record(record: Record, processor: Any) -> Sample:
     for m in messages:
         if m.get("role") not in ("user", "assistant", "system"):
             raise DataError(record.id, f"unknown role {m.get('role')!r} (expected human/gpt or user/assistant)")
-    images = [_page(p, processor, record.id) for p in record.images]
+    images = [load_page(p, processor, record.id) for p in record.images]
     try:  # the model's own processor: images, chat template, placeholder expansion, instructions
         prompt = processor(messages, images, add_generation_prompt=False)
     except ValueError as err:
@@ -130,7 +134,7 @@ def encode_record(record: Record, processor: Any) -> Sample:
                   image_sizes=[p.original_size for p in prompt.images], id=record.id)
 
 
-def _page(path: str, processor: Any, record_id: Any):
+def load_page(path: str, processor: Any, record_id: Any) -> Any:
     """An image path, or ``file.pdf#page=N`` / ``scan.tif#page=N`` (one page of a document, rendered at the side the
     model's encoder reads)."""
     file, _, page = path.partition("#page=")

@@ -302,7 +302,8 @@ def write_dataset(out: str | Path, *, num_pages: int, seed: int = 0, size: tuple
             for j, key in enumerate(_asked(page, page_seed, questions_per_page)):
                 turns = [{"from": "human", "value": f"<image>\n{question(key)}"},
                          {"from": "gpt", "value": page.facts[key]}]
-                records.append({"id": f"{kind}-{i:05d}-{j}", "image": name, "conversations": turns})
+                records.append({"id": f"{kind}-{i:05d}-{j}", "image": name, "kind": kind, "field": key,
+                                "conversations": turns})
         if progress:
             progress(i + 1, num_pages)
     (out / "data.json").write_text(json.dumps(records, indent=1))
@@ -325,6 +326,7 @@ def _pdf_records(out: Path, first_id: int, pages: list[tuple[str, int, Page]], p
         for key in _asked(page, page_seed, per_page):
             records.append({"id": f"doc-{first_id:06d}-p{number}-{key}",
                             "image": [f"{name}#page={n}" for n in range(1, len(pages) + 1)], "kind": kind,
+                            "field": key,
                             "conversations": [{"from": "human", "value": shown + question(key)},
                                               {"from": "gpt", "value": page.facts[key]}]})
     return records
