@@ -181,23 +181,39 @@ def cmd_info(model_dir: str | None = None) -> int:
     return 0
 
 
-def cmd_synth(out: str, pages: int, seed: int, size: str, questions: int, pdf_pages: int = 0) -> int:
-    """Render synthetic document pages (contracts, invoices, forms) with exact question/answer pairs in the LLaVA
-    conversation format: OUT/images/*.png and OUT/data.json. Deterministic given --seed."""
-    from fovea.data.synth import write_dataset
-
-    try:
-        width, height = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--size must be WIDTHxHEIGHT, e.g. 2880x2160, got {size!r}") from None
-    if pages < 1:
-        raise ValueError(f"--pages must be >= 1, got {pages}")
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Render synthetic documents (invoices, purchase orders, contracts, leases, forms, letters, receipts,
+    statements, tables) in many layouts, wordings, fonts and sizes, with exact question/answer pairs (fields,
+    table cells, clauses, yes/no, and questions the page does not answer) in the LLaVA conversation format:
+    OUT/images/*.png and OUT/data.json. Deterministic given --seed."""
+    sizes = []
+    for size in args.size.split(","):
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--size must be WIDTHxHEIGHT[,WIDTHxHEIGHT...], e.g. 2880x2160, got {size!r}") from None
+        sizes.append((width, height))
+    if args.pages < 1:
+        raise ValueError(f"--pages must be >= 1, got {args.pages}")
 
     from tqdm.auto import tqdm
 
-    with tqdm(total=pages, desc="fovea synth", unit="page") as bar:
-        path = write_dataset(out, num_pages=pages, seed=seed, size=(width, height), questions_per_page=questions,
-                             pdf_pages=pdf_pages, progress=lambda done, total: bar.update(1))
+    with tqdm(total=args.pages, desc="fovea synth", unit="page") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(1)
+
+        if args.classic:
+            from fovea.data.synth import write_dataset
+
+            path = write_dataset(args.out, num_pages=args.pages, seed=args.seed, size=sizes[0],
+                                 questions_per_page=args.questions, pdf_pages=args.pdf_pages, progress=progress)
+        else:
+            from fovea.data.documents import KINDS, write_documents
+
+            kinds = tuple(args.kinds.split(",")) if args.kinds else tuple(KINDS)
+            path = write_documents(args.out, num_pages=args.pages, seed=args.seed, sizes=tuple(sizes), kinds=kinds,
+                                   orientation=args.orientation, split=args.split, questions_per_page=args.questions,
+                                   damage=args.damage, pdf_pages=args.pdf_pages, progress=progress)
     print(f"wrote {path}")
     return 0
 
@@ -419,11 +435,21 @@ def _add_synth(sub) -> None:
     p.add_argument("out", help="output folder")
     p.add_argument("--pages", type=int, default=100, help="pages to render (kinds in turn)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same pages and answers")
-    p.add_argument("--size", default="2880x2160", help="page size WIDTHxHEIGHT in pixels")
-    p.add_argument("--questions", type=int, default=3, help="questions per page")
+    p.add_argument("--size", default="2880x2160,3840x2160", help="page sizes WIDTHxHEIGHT, comma-separated, one "
+                   "drawn per page (default: a 2880x2160 scan or a 4K photo)")
+    p.add_argument("--orientation", default="any", choices=["any", "landscape", "portrait"],
+                   help="page orientation (any: portrait or landscape at random)")
+    p.add_argument("--kinds", default=None, help="document kinds, comma-separated (default: all nine: invoice, "
+                   "purchase_order, contract, lease, form, letter, receipt, statement, table)")
+    p.add_argument("--split", default="train", choices=["train", "heldout"], help="heldout: label and question "
+                   "wordings, fonts and field layouts that train never uses")
+    p.add_argument("--questions", type=int, default=4, help="questions per page")
+    p.add_argument("--damage", type=float, default=0.7, help="scan damage scale (0: clean renders)")
     p.add_argument("--pdf-pages", type=int, default=0, help="write documents of this many pages as PDFs, each "
                    "question showing the whole document (0: one PNG per page)")
-    p.set_defaults(run=lambda a: cmd_synth(a.out, a.pages, a.seed, a.size, a.questions, a.pdf_pages))
+    p.add_argument("--classic", action="store_true", help="the three original templates (contract, invoice, form) "
+                   "that earlier benchmark runs used; --size takes one size")
+    p.set_defaults(run=cmd_synth)
 
 
 def _add_batch(sub) -> None:

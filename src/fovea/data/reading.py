@@ -72,7 +72,7 @@ def check_fonts(fonts: tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=512)
-def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
+def load_font(name: str, size: int) -> ImageFont.FreeTypeFont:
     for folder in FONT_DIRS:
         path = Path(folder) / name
         if path.is_file():
@@ -180,7 +180,7 @@ class _Canvas:
 
 
 def _layout_line(c: _Canvas, fonts, sizes) -> None:
-    fnt = _font(c.rng.choice(fonts), c.rng.randint(*sizes))
+    fnt = load_font(c.rng.choice(fonts), c.rng.randint(*sizes))
     text, is_field = _field(c.rng)
     top, bottom = fnt.getbbox("Ag")[1], fnt.getbbox("Ag")[3]
     y = (c.height - (bottom - top)) // 2 - top + c.rng.randint(-2, 2)
@@ -192,7 +192,7 @@ def _layout_lines(c: _Canvas, fonts, sizes, make) -> None:
     y = c.rng.randint(-4, 8)
     while True:
         size = c.rng.randint(*sizes)
-        fnt = _font(c.rng.choice(fonts), size)
+        fnt = load_font(c.rng.choice(fonts), size)
         if y + size * 1.3 > c.height:
             return
         make(y, fnt)
@@ -234,7 +234,7 @@ def _layout_table(c: _Canvas, fonts, sizes) -> None:
 _LAYOUT_FNS = {"line": _layout_line, "paragraph": _layout_paragraph, "form": _layout_form, "table": _layout_table}
 
 
-def _degrade(image: Image.Image, rng: random.Random, strength: float, rotate: float = 0.0) -> Image.Image:
+def scan_damage(image: Image.Image, rng: random.Random, strength: float, rotate: float = 0.0) -> Image.Image:
     """Scan and photo damage that keeps text where it was: a slight skew (at most ``rotate`` degrees, about the
     centre: a 512 px crop's ends move by under 2 px at 0.4 degrees), resolution loss, blur, uneven light, noise,
     JPEG."""
@@ -281,7 +281,7 @@ def render_text(seed: int, *, layout: str, height: int, width: int, sizes: tuple
     rng = random.Random(seed)
     canvas = _Canvas(rng, height, width)
     _LAYOUT_FNS[layout](canvas, fonts, sizes)
-    return TextSample(_degrade(canvas.image, rng, degrade, rotate), canvas.runs, canvas.fields)
+    return TextSample(scan_damage(canvas.image, rng, degrade, rotate), canvas.runs, canvas.fields)
 
 
 def encode_text(text: str) -> list[int]:
