@@ -253,7 +253,9 @@ def test_cli_synth_and_train_config_errors(tmp_path, capsys):
     from fovea.cli import main
 
     assert main(["synth", str(tmp_path / "s"), "--pages", "2", "--size", "640x480", "--seed", "3"]) == 0
-    assert len(json.loads((tmp_path / "s" / "data.json").read_text())) == 6
+    assert len(json.loads((tmp_path / "s" / "data.json").read_text())) == 8  # 4 questions a page
+    assert main(["synth", str(tmp_path / "c"), "--pages", "2", "--size", "640x480", "--classic", "--questions", "3"]) == 0
+    assert len(json.loads((tmp_path / "c" / "data.json").read_text())) == 6  # the original templates
     assert main(["synth", str(tmp_path / "s2"), "--size", "big"]) == 2
     assert "--size must be WIDTHxHEIGHT" in capsys.readouterr().err
     (tmp_path / "run.yaml").write_text("data: x.json\nlearning_rate: 0.1\n")
