@@ -254,7 +254,8 @@ def test_cli_synth_and_train_config_errors(tmp_path, capsys):
 
     assert main(["synth", str(tmp_path / "s"), "--pages", "2", "--size", "640x480", "--seed", "3"]) == 0
     assert len(json.loads((tmp_path / "s" / "data.json").read_text())) == 8  # 4 questions a page
-    assert main(["synth", str(tmp_path / "c"), "--pages", "2", "--size", "640x480", "--classic", "--questions", "3"]) == 0
+    classic = ["synth", str(tmp_path / "c"), "--pages", "2", "--size", "640x480", "--classic", "--questions", "3"]
+    assert main(classic) == 0
     assert len(json.loads((tmp_path / "c" / "data.json").read_text())) == 6  # the original templates
     assert main(["synth", str(tmp_path / "s2"), "--size", "big"]) == 2
     assert "--size must be WIDTHxHEIGHT" in capsys.readouterr().err
