@@ -46,6 +46,18 @@ def image_layouts(
 ENCODER_RUNTIMES = ("torch", "openvino")
 
 
+class EncodedImage:
+    """An image whose frozen encoder's output is already known: it stands in for the (3,H,W) pixels in a sample or
+    batch, so training over many questions about the same page encodes it once (and holds no pixels)."""
+
+    def __init__(self, features: torch.Tensor, pixel_shape: tuple[int, ...]) -> None:
+        self.features = features  # (C,h,w) the encoder's output for these pixels
+        self.shape = torch.Size(pixel_shape)  # (3,H,W) of the preprocessed pixels it came from (layouts need it)
+
+    def to(self, device: torch.device | str) -> EncodedImage:
+        return EncodedImage(self.features.to(device), self.shape)
+
+
 def add_image_token(lm: nn.Module, tokenizer: Any, image_token: str) -> None:
     """Give the tokenizer the image placeholder if it lacks it, and the LLM an embedding row for every token."""
     if image_token not in tokenizer.get_vocab():
@@ -206,12 +218,22 @@ class VLM(nn.Module):
         if not pixels:
             return []
         t0 = time.perf_counter()
-        features = self.encode(pixels) if features is None else features
+        if features is None:
+            features = self._encode_missing(pixels)
         t1 = time.perf_counter()
         tokens = self.compress(features, instructions, image_layouts(pixels, image_sizes))
         if timings is not None:
             timings["encode_s"], timings["compress_s"] = t1 - t0, time.perf_counter() - t1
         return tokens
+
+    def _encode_missing(self, pixels: Sequence[torch.Tensor | EncodedImage]) -> list[torch.Tensor]:
+        """Features per image: encoded now, or taken from an ``EncodedImage`` (in the connector's dtype)."""
+        raw = [i for i, p in enumerate(pixels) if not isinstance(p, EncodedImage)]
+        fresh = iter(self.encode([pixels[i] for i in raw])) if raw else iter(())
+        param = next(self.connector.parameters(), None)
+        dtype = param.dtype if param is not None else None
+        return [p.features.to(self.device, dtype or p.features.dtype) if isinstance(p, EncodedImage) else next(fresh)
+                for p in pixels]
 
     def visual_tokens(
         self,

@@ -188,25 +188,31 @@ class Dataset:
 
 def load_dataset(
     path: str | Path, processor: Any, *, on_bad: str = "stop", max_len: int | None = None,
-    report: Callable[[str], None] = say,
+    report: Callable[[str], None] = say, transform: Callable[[Sample], Sample] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Dataset:
     """Read and encode every record. ``on_bad``: 'stop' raises the first DataError, 'skip' reports each bad record
-    (id and reason) and goes on. Conversations longer than ``max_len`` tokens count as bad records."""
+    (id and reason) and goes on. Conversations longer than ``max_len`` tokens count as bad records. ``transform``
+    is applied to each sample as it is made (the trainer's feature cache swaps pixels for encoder features there,
+    so a large dataset's pages are never all in memory); ``progress(done, total)`` after each record."""
     if on_bad not in ("stop", "skip"):
         raise ValueError(f"on_bad must be 'stop' or 'skip', got {on_bad!r}")
     samples, skipped, records = [], [], []
-    for record in read_records(path):
+    all_records = read_records(path)
+    for done, record in enumerate(all_records, start=1):
         try:
             sample = encode_record(record, processor)
             if max_len is not None and len(sample) > max_len:
                 raise DataError(record.id, f"{len(sample)} tokens, over the maximum sequence length {max_len}")
-            samples.append(sample)
+            samples.append(transform(sample) if transform is not None else sample)
             records.append(record)
         except DataError as err:
             if on_bad == "stop":
                 raise
             skipped.append((err.record_id, err.reason))
             report(f"fovea: skipping {err}")
+        if progress is not None:
+            progress(done, len(all_records))
     if not samples:
         raise ValueError(f"no usable records in {str(path)!r} ({len(skipped)} skipped)")
     return Dataset(samples=samples, skipped=skipped, records=records)

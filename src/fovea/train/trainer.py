@@ -31,6 +31,7 @@ from fovea.data.records import encode_record, load_dataset, read_records, split_
 from fovea.log import say
 from fovea.packing import IGNORE_INDEX, pack
 from fovea.runtime import resolve_device, resolve_dtype
+from fovea.train.features import FeatureCache
 
 STAGES = ("align", "finetune")
 
@@ -67,10 +68,14 @@ class TrainConfig:
     on_bad: str = "stop"  # a bad record stops the run ("stop") or is reported and left out ("skip")
     parallel: str = "ddp"  # with several processes: ddp, or fsdp (FSDP2 fully_shard)
     threads: int | None = None  # torch threads per process (default: torch's choice)
+    cache_features: str = "bf16"  # the frozen encoder's output per page, computed once: bf16, fp32 (exact) or off
+    feature_cache: str | None = None  # folder of cached features, reusable by runs with the same encoder and pages
+    #                                   (default: <out>/features)
 
     # Allowed values of the settings that have a fixed set (checked by validate, listed by --help).
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "stage": STAGES, "precision": ("auto", "fp32", "bf16"), "parallel": ("ddp", "fsdp"), "on_bad": ("stop", "skip"),
+        "cache_features": ("off", "fp32", "bf16"),
     }
 
     def validate(self) -> None:
@@ -309,6 +314,11 @@ def _load_model(cfg: TrainConfig, device: torch.device):
     return load_vlm(cfg.model, llm=cfg.llm, progress=lambda s: None, device=str(device), dtype="float32")
 
 
+def _advance(bar, done: int, total: int) -> None:
+    bar.total = total
+    bar.update(done - bar.n)
+
+
 def _packed_loss(model, batch) -> torch.Tensor:
     """Sum of token losses of one packed stream."""
     kwargs = batch.lm_kwargs()
@@ -370,7 +380,18 @@ class TrainRecipe:
     def _setup_data(self) -> None:
         cfg = self.cfg
         processor = self.model.processor()
-        data = load_dataset(cfg.data, processor, on_bad=cfg.on_bad, max_len=cfg.max_len, report=self.say)
+        cache = None
+        if cfg.cache_features != "off":  # both stages freeze the encoder: each page is encoded once per run
+            cache = FeatureCache(self.model, cfg.feature_cache or self.out / "features", cfg.cache_features)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="reading data", unit="record", disable=not (self.progress and self.main))
+        data = load_dataset(cfg.data, processor, on_bad=cfg.on_bad, max_len=cfg.max_len, report=self.say,
+                            transform=cache, progress=lambda done, total: _advance(bar, done, total))
+        bar.close()
+        if cache is not None:
+            self.say(f"fovea train: encoder features cached ({cfg.cache_features}): {cache.encoded} pages encoded, "
+                     f"{cache.loaded} read from {cache.folder}, {cache.reused} reuses by later questions")
         samples = data.samples
         if cfg.eval_data:
             eval_records = read_records(cfg.eval_data)[: cfg.eval_samples]
