@@ -278,6 +278,28 @@ def cmd_pretrain(config: str | None, resume: bool, overrides: dict) -> int:
     return 0
 
 
+def cmd_study_connectors(config: str | None, overrides: dict) -> int:
+    """The equal-budget bridge study: every connector (linear, mlp, avgpool, perceiver, qformer with and without
+    the instruction, c_abstractor) at every budget, trained from the same encoder, LLM, data, steps and seeds,
+    then evaluated on the same held-out questions; study.md, study.json and study.png. Running it again skips
+    finished cells and resumes the unfinished one."""
+    import yaml
+
+    from fovea.config import settings_from_dict
+    from fovea.eval.study import StudyConfig, run_study, table
+
+    data = {}
+    if config:
+        if not Path(config).is_file():
+            raise ValueError(f"study config {config!r} does not exist")
+        data = yaml.safe_load(Path(config).read_text()) or {}
+    cfg = settings_from_dict(StudyConfig, {**data, **{k: v for k, v in overrides.items() if v is not None}},
+                             "study", tuple_keys=StudyConfig.TUPLES)
+    rows = run_study(cfg, report=lambda text: print(text, file=sys.stderr, flush=True))
+    print(table(rows))
+    return 0
+
+
 def cmd_eval_ocr(reader: str, lines: int, blocks: int, peer: bool, out: str | None, threads: int | None) -> int:
     """Held-out reading probe of a pretrained encoder (character accuracy, exact line and field match), next to
     PP-OCRv6 on the same crops."""
@@ -522,6 +544,19 @@ def _add_eval(sub) -> None:
     p.set_defaults(run=lambda a: cmd_eval_qa(a.data, a))
 
 
+def _add_study(sub, flags: bool = True) -> None:
+    p = sub.add_parser("study", help="controlled comparisons", description="controlled comparisons")
+    kinds = p.add_subparsers(dest="study", required=True)
+    p = kinds.add_parser("connectors", help=cmd_study_connectors.__doc__, description=cmd_study_connectors.__doc__)
+    p.add_argument("config", nargs="?", help="YAML file of study settings (flags override it)")
+    if flags:
+        from fovea.eval.study import StudyConfig
+
+        _dataclass_flags(p, StudyConfig)
+    p.set_defaults(run=lambda a: cmd_study_connectors(a.config, {
+        k: v for k, v in vars(a).items() if k not in ("config", "run", "command", "study")}))
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
     p.add_argument("src", help="directory written by transformers save_pretrained (with its tokenizer)")
@@ -545,6 +580,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_train(sub, flags=command in (None, "train"))
     _add_pretrain(sub, flags=command in (None, "pretrain"))
     _add_eval(sub)
+    _add_study(sub, flags=command in (None, "study"))
     _add_convert(sub)
     from fovea.bench.cli import add_bench_parser
 

@@ -24,30 +24,46 @@ def default_llm() -> str:
 
 def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Callable[[str], None] = say,
              device: str | None = "auto", dtype: str | None = "auto", threads: int | None = None,
-             encoder_runtime: str = "torch") -> VLM:
+             encoder_runtime: str = "torch", connector: dict | None = None, seed: int = 0) -> VLM:
     """``spec``: a fovea model directory, or a preset name (default ``fastvithd-qformer-64``) whose LLM is
-    ``llm`` (default: ``default_llm()``). The model comes back in eval mode with the encoder fused for inference,
-    on ``device`` in ``dtype`` (``fovea.runtime`` policy: auto = CUDA if present; bf16 where the hardware computes
-    it natively). An unavailable device or dtype is a ValueError before anything is built. ``encoder_runtime``:
-    "torch", or "openvino" (CPU; the optional extra) for the encoder's forward."""
+    ``llm`` (default: ``default_llm()``), whose connector settings ``connector`` overrides (e.g. ``{"name":
+    "perceiver", "num_queries": 128}``) and whose random weights come from ``seed``. The model comes back in eval
+    mode with the encoder fused for inference, on ``device`` in ``dtype`` (``fovea.runtime`` policy: auto = CUDA if
+    present; bf16 where the hardware computes it natively). An unavailable device or dtype is a ValueError before
+    anything is built. ``encoder_runtime``: "torch", or "openvino" (CPU; the optional extra) for the encoder's
+    forward."""
     place = placement(device, dtype, threads)
     if encoder_runtime not in ENCODER_RUNTIMES:
         raise ValueError(f"unknown encoder runtime {encoder_runtime!r}; available: {ENCODER_RUNTIMES}")
     if encoder_runtime == "openvino" and place.device.type != "cpu":
         raise ValueError(f"encoder runtime 'openvino' runs on the CPU, not on {place.device}")
     spec = spec or DEFAULT_PRESET
+    if connector and spec not in PRESETS:
+        raise ValueError(f"connector settings {sorted(connector)} apply to a preset, not to the trained model {spec!r}")
     if Path(spec).is_dir():
         progress(f"loading model from {spec} ...")
         model = load_model(spec)
     elif spec in PRESETS:
         config = preset(spec)
         config.lm.name = llm or default_llm()
+        config.connector = _override(config.connector, connector or {})
         progress(f"building preset {spec!r} with LLM {config.lm.name!r} (vision and connector weights are random "
                  "until you train or load them) ...")
         with torch.random.fork_rng(devices=[]):  # the same random weights in every process: reproducible answers
-            torch.manual_seed(0)
+            torch.manual_seed(seed)
             model = VLM.from_config(config)
     else:
         raise ValueError(f"--model {spec!r} is neither a model directory nor a preset; presets: {sorted(PRESETS)}")
     progress(f"running on {place.describe()}")
     return model.eval().reparameterize_encoder().place(place.device, place.dtype, encoder_runtime)
+
+
+def _override(settings, changes: dict):
+    """``settings`` (a dataclass) with ``changes``; an unknown name is a ValueError listing the known ones."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(settings)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ValueError(f"unknown connector settings {unknown}; known: {sorted(known)}")
+    return dataclasses.replace(settings, **changes)

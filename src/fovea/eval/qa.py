@@ -57,9 +57,11 @@ class Row:
     hit: bool  # normalised answer == normalised reference
     ttft_ms: float | None = None  # time to first token of this request
     cold: bool | None = None  # True when its page had to be encoded (not from the encoder cache)
+    visual_tokens: int | None = None  # visual tokens the LLM read for this question
 
 
-def make_row(record, answer: str, ttft_ms: float | None = None, cold: bool | None = None) -> Row:
+def make_row(record, answer: str, ttft_ms: float | None = None, cold: bool | None = None,
+             visual_tokens: int | None = None) -> Row:
     """One scored answer: ``record`` a ``fovea.data.records.Record`` whose last assistant turn is the reference."""
     last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
     reference = str(record.messages[last]["content"])
@@ -67,7 +69,8 @@ def make_row(record, answer: str, ttft_ms: float | None = None, cold: bool | Non
     question = str(asked[-1]["content"]).replace("<image>", "").strip() if asked else ""
     return Row(id=record.id, document_kind=str(record.meta.get("kind") or "unlabelled"),
                question_kind=question_kind(record.meta, reference), question=question, reference=reference,
-               answer=answer, hit=normalise(answer) == normalise(reference), ttft_ms=ttft_ms, cold=cold)
+               answer=answer, hit=normalise(answer) == normalise(reference), ttft_ms=ttft_ms, cold=cold,
+               visual_tokens=visual_tokens)
 
 
 def _share(rows: Sequence[Row]) -> dict[str, Any]:
@@ -98,6 +101,7 @@ def score(rows: Sequence[Row]) -> dict[str, Any]:
                      if absent else None},
         "refused_answerable": {"n": len(present), "rate": sum(is_refusal(r.answer) for r in present) / len(present)
                                if present else None},
+        "visual_tokens": median(r.visual_tokens for r in rows),
         "ttft_ms": {"median": median(r.ttft_ms for r in rows),
                     "median_cold": median(r.ttft_ms for r in rows if r.cold),
                     "median_warm": median(r.ttft_ms for r in rows if r.cold is False)},
@@ -177,7 +181,8 @@ def evaluate_qa(data: str | Path, model, *, max_tokens: int = 32, batch: int = 8
         for r, res in zip(chunk, results, strict=True):
             m = res["metrics"]
             rows.append(make_row(r, res["text"], ttft_ms=m.ttft_ms if m else None,
-                                 cold=(m.encoder_cache_hits == 0) if m and r.images else None))
+                                 cold=(m.encoder_cache_hits == 0) if m and r.images else None,
+                                 visual_tokens=m.visual_tokens if m else None))
         if progress:
             progress(len(rows), len(records))
     result = score(rows)

@@ -42,6 +42,7 @@ class TrainConfig:
     out: str = "runs/fovea"  # run folder: checkpoints/, final/, loss.png, log.jsonl
     model: str = "fastvithd-qformer-64"  # a fovea/transformers model directory or a preset name
     llm: str | None = None  # LLM for presets (default: SmolLM2 if fetched, else its shape)
+    connector: dict = field(default_factory=dict)  # a preset's connector settings changed (name, num_queries, ...)
     stage: str = "align"  # align: connector only; finetune: connector + LLM (full, or LoRA when lora_rank > 0)
     lora_rank: int = 0  # finetune with LoRA adapters of this rank on the LLM; 0 = full finetune
     lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / rank)
@@ -77,6 +78,10 @@ class TrainConfig:
         "stage": STAGES, "precision": ("auto", "fp32", "bf16"), "parallel": ("ddp", "fsdp"), "on_bad": ("stop", "skip"),
         "cache_features": ("off", "fp32", "bf16"),
     }
+
+    def __post_init__(self) -> None:
+        if isinstance(self.connector, list | tuple):  # from flags: --connector name=perceiver num_queries=128
+            self.connector = dict(_assignment(item) for item in self.connector)
 
     def validate(self) -> None:
         if not self.data:
@@ -311,7 +316,18 @@ def _load_model(cfg: TrainConfig, device: torch.device):
 
     torch.manual_seed(cfg.seed)  # presets initialise the connector randomly: the same on every process
     # fp32 weights (the master copy for what trains); bf16 comes from autocast in the loop. Frozen encoder: fused.
-    return load_vlm(cfg.model, llm=cfg.llm, progress=lambda s: None, device=str(device), dtype="float32")
+    return load_vlm(cfg.model, llm=cfg.llm, progress=lambda s: None, device=str(device), dtype="float32",
+                    connector=cfg.connector, seed=cfg.seed)
+
+
+def _assignment(item: str) -> tuple[str, Any]:
+    """``name=value`` with the value read as YAML reads it (128 -> int, true -> bool, perceiver -> str)."""
+    import yaml
+
+    name, sep, value = str(item).partition("=")
+    if not sep or not name:
+        raise ValueError(f"connector setting {item!r} is not name=value (e.g. num_queries=128)")
+    return name, yaml.safe_load(value)
 
 
 def _advance(bar, done: int, total: int) -> None:
