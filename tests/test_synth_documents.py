@@ -11,7 +11,7 @@ import pytest
 from PIL import ImageDraw
 
 from fovea.cli import main
-from fovea.data import documents
+from fovea.data import document_kinds, documents
 from fovea.data.documents import KINDS, QUESTION_KINDS, REFUSAL, pick_questions, render_document, write_documents
 
 
@@ -66,7 +66,7 @@ def test_every_answer_is_drawn_on_its_page(monkeypatch, kind):
         for fact in doc.facts:
             assert fact.kind in QUESTION_KINDS and fact.question.endswith(("?", "."))
             if fact.kind == "yes/no":
-                said = _ticked_answer(events, documents._CHECKS[fact.key].labels)
+                said = _ticked_answer(events, document_kinds.CHECKS[fact.key].labels)
                 assert said == fact.answer, f"{kind} seed {seed}: {fact.key} is {fact.answer} but the boxes say {said}"
             else:
                 assert fact.answer in text, f"{kind} seed {seed}: {fact.key}={fact.answer!r} is not drawn"
@@ -110,7 +110,7 @@ def test_held_out_wordings_never_appear_in_training():
             asked[split] |= {f.question for f in doc.facts + doc.absent if f.kind != "table"}
     assert asked["train"] and asked["heldout"] and not asked["train"] & asked["heldout"]
     for options in (documents.FAMILIES, documents.FIELD_STYLES):
-        assert options[-1] not in documents._variants(options, "train")
+        assert options[-1] not in document_kinds.variants(options, "train")
 
 
 def test_questions_cover_the_kinds_and_refusals():

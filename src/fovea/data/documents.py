@@ -20,309 +20,27 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from fovea.data.document_kinds import (
+    CHECKS,
+    CLAUSES,
+    CURRENCIES,
+    FIELDS,
+    ITEMS,
+    KINDS,
+    QUESTION_KINDS,
+    REFUSAL,
+    SPLITS,
+    UNIQUE,
+    Ctx,
+    Fact,
+    FieldSpec,
+    date_value,
+    variants,
+)
 from fovea.data.reading import available_fonts, load_font, scan_damage
 
-REFUSAL = "Not on the page."  # the reference answer when the page does not hold what was asked
-SPLITS = ("train", "heldout")
-QUESTION_KINDS = ("field", "table", "clause", "yes/no", "absent")
-_MONTHS = "January February March April May June July August September October November December".split()
-_COMPANIES = ("Aldermoor Logistics Ltd.", "Brightwater Analytics GmbH", "Cobalt Ridge Holdings", "Dunmore & Pike LLP",
-              "Eastgate Medical Supply", "Fernhill Robotics Inc.", "Granite Bay Capital", "Harbourline Shipping Co.",
-              "Ivers & Quist AG", "Juniper Fields B.V.", "Kestrel Foods plc", "Lindqvist Tooling AB",
-              "Marlow Print Works", "Northwind Traders S.A.", "Okafor Energy Ltd.", "Petrov Metals Co.")
-_PEOPLE = ("Anna Lindqvist", "Ben Okafor", "Carla Rossi", "David Nakamura", "Elena Petrov", "Farid Haddad",
-           "Grace Whitfield", "Hugo Moreau", "Ines Valdez", "Jonas Svensson", "Keiko Tanaka", "Liam Young",
-           "Maria Kowalski", "Nils Jansen", "Olivia Zeller", "Paul Dunmore")
-_CITIES = ("Rotterdam", "Lyon", "Toronto", "Osaka", "Melbourne", "Denver", "Lisbon", "Gdansk", "Bergen", "Porto",
-           "Austin", "Leeds", "Graz", "Malmo", "Turin", "Halifax")
-_STREETS = ("Harbour Road", "Mill Lane", "Station Street", "King's Avenue", "Elm Close", "Quay Street", "Park Row")
-_ITEMS = ("Steel brackets", "Copy paper A4", "Safety gloves", "Label printer", "Cable ties", "LED panels",
-          "Desk chairs", "Toner cartridge", "Pallet wrap", "Hard hats", "USB-C hubs", "Filing cabinets",
-          "Hand sanitiser", "Shelving units", "Drill bits", "Work lamps")
-_CURRENCIES = ("$", "EUR ", "£", "USD ", "€")
-
-
-# ----- values -----------------------------------------------------------------------------------------------------
-@dataclass
-class Ctx:
-    """One page's random choices that several values share (currency, date style)."""
-
-    rng: random.Random  # the page's generator
-    currency: str  # printed before amounts
-    date_style: int  # index into ``_date`` formats
-
-
-def _date(c: Ctx) -> str:
-    d, m, y = c.rng.randint(1, 28), c.rng.randint(1, 12), c.rng.randint(2019, 2027)
-    return (f"{d:02d}.{m:02d}.{y}", f"{y}-{m:02d}-{d:02d}", f"{_MONTHS[m - 1]} {d}, {y}",
-            f"{d} {_MONTHS[m - 1][:3]} {y}", f"{m:02d}/{d:02d}/{y}")[c.date_style]
-
-
-def _money(c: Ctx, low: int = 10, high: int = 90_000) -> str:
-    return f"{c.currency}{c.rng.randint(low, high):,}.{c.rng.randint(0, 99):02d}"
-
-
-def _ident(prefix: str) -> Callable[[Ctx], str]:
-    return lambda c: f"{prefix}{c.rng.randint(10_000, 999_999)}"
-
-
-def _choice(pool: tuple[str, ...]) -> Callable[[Ctx], str]:
-    return lambda c: c.rng.choice(pool)
-
-
-def _phone(c: Ctx) -> str:
-    return f"+{c.rng.randint(10, 99)} {c.rng.randint(100, 999)} {c.rng.randint(1000, 9999)}"
-
-
-def _address(c: Ctx) -> str:
-    return f"{c.rng.randint(1, 240)} {c.rng.choice(_STREETS)}, {c.rng.choice(_CITIES)}"
-
-
-def _email(c: Ctx) -> str:
-    first, last = c.rng.choice(_PEOPLE).lower().split()
-    return f"{first}.{last}@{c.rng.choice(('mail.example', 'corp.example', 'office.example'))}"
-
-
-# ----- what a page can carry ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FieldSpec:
-    key: str  # the fact's name, unique across kinds for one concept
-    labels: tuple[str, ...]  # printed label wordings; the last is held out
-    questions: tuple[str, ...]  # question wordings; the last is held out
-    value: Callable[[Ctx], str]  # draws the exact printed value
-
-
-def F(key: str, labels: str, questions: str, value: Callable[[Ctx], str]) -> FieldSpec:  # noqa: N802
-    """A field from "|"-separated wordings (the declarative tables below stay one line each)."""
-    return FieldSpec(key, tuple(labels.split("|")), tuple(questions.split("|")), value)
-
-
-_FIELDS = {f.key: f for f in (
-    F("invoice_number", "Invoice No.|Invoice Number|Invoice #|Inv. No.", "What is the invoice number?|Which invoice "
-      "number is shown?|Give the invoice number.|What number does this invoice have?", _ident("INV-")),
-    F("invoice_date", "Invoice Date|Date|Date of issue|Issued", "What is the invoice date?|When was the invoice "
-      "issued?|On what date was this invoice issued?", _date),
-    F("due_date", "Due Date|Payment due|Due by|Pay before", "When is payment due?|What is the due date?|By which "
-      "date must it be paid?", _date),
-    F("seller", "From|Seller|Issued by|Vendor", "Who issued the invoice?|Which company sent this invoice?|Who is the "
-      "seller?", _choice(_COMPANIES)),
-    F("buyer", "Bill to|Customer|Billed to|Invoice to", "Who is the invoice billed to?|Who is the customer?|Which "
-      "company is billed?", _choice(_COMPANIES)),
-    F("vat_number", "VAT No.|VAT ID|Tax ID|VAT Reg.", "What is the VAT number?|Which tax ID is given?|What VAT "
-      "registration number appears?", _ident("VAT")),
-    F("po_number", "PO Number|Order No.|Purchase Order #|P.O.", "What is the purchase order number?|Which order "
-      "number is this?|What is the PO number?", _ident("PO-")),
-    F("order_date", "Order Date|Date|Ordered on|Date of order", "When was the order placed?|What is the order "
-      "date?|On which date was it ordered?", _date),
-    F("delivery_date", "Delivery Date|Deliver by|Required by|Delivery", "When must the goods be delivered?|What is "
-      "the delivery date?|By when is delivery required?", _date),
-    F("supplier", "Supplier|Vendor|To|Order placed with", "Who is the supplier?|Which company supplies the "
-      "order?|Who is the order placed with?", _choice(_COMPANIES)),
-    F("ship_to", "Ship to|Deliver to|Delivery address|Consignee", "Where should the goods be shipped?|What is the "
-      "delivery address?|To which address is it shipped?", _address),
-    F("agreement_number", "Agreement No.|Contract No.|Reference|Contract ID", "What is the agreement number?|Which "
-      "contract number is given?|What is the contract reference?", _ident("SA-")),
-    F("effective_date", "Effective Date|Commencement|Start Date|Effective from", "What is the effective date?|When "
-      "does the agreement take effect?|From which date is it effective?", _date),
-    F("client", "Client|Customer|Principal|Client party", "Who is the client?|Which company is the client?|Who is "
-      "the customer under the agreement?", _choice(_COMPANIES)),
-    F("provider", "Service Provider|Contractor|Consultant|Provider", "Who is the service provider?|Which company "
-      "provides the services?|Who is the contractor?", _choice(_COMPANIES)),
-    F("landlord", "Landlord|Lessor|Owner|Landlord name", "Who is the landlord?|What is the landlord's name?|Who is "
-      "the lessor?", _choice(_PEOPLE)),
-    F("tenant", "Tenant|Lessee|Resident|Tenant name", "Who is the tenant?|What is the tenant's name?|Who is the "
-      "lessee?", _choice(_PEOPLE)),
-    F("property", "Property|Premises|Address of premises|Rental unit", "What is the address of the property?|Which "
-      "premises are leased?|Where is the rented property?", _address),
-    F("monthly_rent", "Monthly Rent|Rent per month|Rent|Monthly payment", "What is the monthly rent?|How much is the "
-      "rent per month?|What rent is due each month?", lambda c: _money(c, 400, 6_000)),
-    F("deposit", "Security Deposit|Deposit|Bond|Damage deposit", "How much is the security deposit?|What deposit is "
-      "required?|What is the deposit amount?", lambda c: _money(c, 400, 12_000)),
-    F("applicant", "Applicant|Full name|Name|Applicant name", "Who is the applicant?|What is the applicant's "
-      "name?|Who filled in the form?", _choice(_PEOPLE)),
-    F("employee_id", "Employee ID|Staff No.|Personnel No.|Employee number", "What is the employee ID?|Which staff "
-      "number is given?|What is the applicant's employee number?", _ident("E")),
-    F("department", "Department|Team|Division|Unit", "Which department is on the form?|What department does the "
-      "applicant work in?|Which division is named?", _choice(("Finance", "Logistics", "Research", "Legal",
-                                                               "Operations", "Facilities", "Procurement"))),
-    F("phone", "Phone|Telephone|Tel.|Contact number", "What phone number is given?|What is the telephone "
-      "number?|Which number can be called?", _phone),
-    F("email", "E-mail|Email|Email address|Contact e-mail", "What email address is given?|What is the e-mail "
-      "address?|Which address can be emailed?", _email),
-    F("start_date", "Start Date|From|First day|Starting", "What is the start date?|When does it start?|From which "
-      "date does it run?", _date),
-    F("sender", "From|Sender|Written by|Signed", "Who wrote the letter?|Who is the sender?|Who signed the letter?",
-      _choice(_PEOPLE)),
-    F("recipient", "To|Addressee|Attn.|For the attention of", "Who is the letter addressed to?|Who is the "
-      "recipient?|To whom is the letter written?", _choice(_PEOPLE)),
-    F("letter_date", "Date|Dated|Written on|Date of letter", "What is the date of the letter?|When was the letter "
-      "written?|On what date is the letter dated?", _date),
-    F("reference", "Our ref.|Reference|Ref.|File reference", "What is the reference of the letter?|Which reference "
-      "number does the letter quote?|What file reference is given?", _ident("REF-")),
-    F("store", "Store|Shop|Merchant|Sold by", "Which store issued the receipt?|What is the name of the shop?|Who is "
-      "the merchant?", _choice(_COMPANIES)),
-    F("receipt_number", "Receipt No.|Receipt #|Transaction|Receipt number", "What is the receipt number?|Which "
-      "transaction number is printed?|What number does the receipt have?", _ident("R")),
-    F("receipt_date", "Date|Sale date|Purchased|Date of sale", "When was the purchase made?|What is the date on the "
-      "receipt?|On which date was it bought?", _date),
-    F("account_holder", "Account holder|Name|Customer|Account name", "Who is the account holder?|Whose account is "
-      "this?|In whose name is the account?", _choice(_PEOPLE)),
-    F("account_number", "Account No.|Account number|IBAN|Account", "What is the account number?|Which account "
-      "number is shown?|What is the account's number?", lambda c: f"{c.rng.randint(10, 99)}-"
-      f"{c.rng.randint(1000, 9999)}-{c.rng.randint(100000, 999999)}"),
-    F("opening_balance", "Opening balance|Balance brought forward|Previous balance|Start balance", "What is the "
-      "opening balance?|What balance was brought forward?|What was the balance at the start?",
-      lambda c: _money(c, 100, 50_000)),
-    F("closing_balance", "Closing balance|Balance carried forward|New balance|End balance", "What is the closing "
-      "balance?|What balance is carried forward?|What was the balance at the end?", lambda c: _money(c, 100, 50_000)),
-    F("statement_period", "Statement period|Period|For the period|Covering", "What period does the statement "
-      "cover?|Which period is the statement for?|What is the statement period?",
-      lambda c: f"{_MONTHS[c.rng.randrange(12)]} {c.rng.randint(2019, 2027)}"),
-    F("prepared_by", "Prepared by|Compiled by|Author|Owner", "Who prepared the table?|Who compiled this "
-      "document?|Who is named as its author?", _choice(_PEOPLE)),
-    F("table_date", "Date|As of|Valid from|Updated", "What date is the table valid from?|As of which date is the "
-      "table?|When was the table updated?", _date),
-)}
-
-
-@dataclass(frozen=True)
-class Clause:
-    key: str  # the fact's name
-    headings: tuple[str, ...]  # printed clause headings
-    text: str  # the sentence; "{v}" is where the answer is printed
-    questions: tuple[str, ...]  # question wordings; the last is held out
-    value: Callable[[Ctx], str]  # the exact printed answer
-
-
-def C(key: str, headings: str, text: str, questions: str, value: Callable[[Ctx], str]) -> Clause:  # noqa: N802
-    return Clause(key, tuple(headings.split("|")), text, tuple(questions.split("|")), value)
-
-
-def _days(*choices: int) -> Callable[[Ctx], str]:
-    return lambda c: f"{c.rng.choice(choices)} days"
-
-
-_CLAUSES = {c.key: c for c in (
-    C("termination_notice", "Termination|Ending the agreement|Notice of termination", "Either party may terminate "
-      "this Agreement by giving {v} written notice to the other party.", "How many days' notice does termination "
-      "need?|What notice period applies to termination?|How much notice is needed to terminate?",
-      _days(14, 30, 45, 60, 90)),
-    C("term_months", "Term|Duration|Period of agreement", "This Agreement starts on the Effective Date and runs for "
-      "{v} unless terminated earlier.", "How long does the agreement run?|What is the term of the agreement?|For "
-      "how long is the agreement in force?", lambda c: f"{c.rng.choice((6, 12, 18, 24, 36, 48))} months"),
-    C("liability_cap", "Liability|Limitation of liability|Liability cap", "The total liability of either party shall "
-      "not exceed {v} in any contract year.", "What is the liability cap?|Up to what amount is liability "
-      "limited?|What is the maximum liability per year?", lambda c: _money(c, 10_000, 900_000)),
-    C("governing_law", "Governing law|Applicable law|Jurisdiction", "This Agreement is governed by the laws "
-      "applicable in {v}.", "Which city's law governs the agreement?|Where is the governing law?|Under the law of "
-      "which place is the agreement governed?", _choice(_CITIES)),
-    C("payment_terms", "Payment terms|Payment|Terms of payment", "Invoices are payable within {v} of the invoice "
-      "date by bank transfer.", "Within how many days must invoices be paid?|What are the payment terms?|How long "
-      "is there to pay an invoice?", _days(10, 14, 21, 30, 45, 60)),
-    C("late_fee", "Late payment|Late fees|Overdue rent", "Rent paid late carries a fee of {v} of the monthly rent.",
-      "What is the late fee?|How much is charged for late rent?|What percentage is charged on late payment?",
-      lambda c: f"{c.rng.choice((2, 3, 4, 5, 8, 10))}%"),
-    C("lease_term", "Lease term|Term of tenancy|Duration", "The tenancy runs for {v} from the start date.", "How long "
-      "is the lease?|What is the lease term?|For how long is the property let?",
-      lambda c: f"{c.rng.choice((6, 12, 24, 36))} months"),
-    C("delivery_terms", "Delivery|Shipping terms|Delivery terms", "Goods must be delivered within {v} of this "
-      "order.", "Within how many days must the goods be delivered?|What delivery time is required?|How soon must "
-      "the order be delivered?", _days(3, 5, 7, 10, 14, 21)),
-    C("confidentiality_years", "Confidentiality|Secrecy|Non-disclosure", "Each party shall keep the other's "
-      "information confidential for {v} after the Agreement ends.", "For how long does confidentiality "
-      "last?|How many years does the confidentiality duty run?|How long must information be kept secret?",
-      lambda c: f"{c.rng.choice((1, 2, 3, 5, 7, 10))} years"),
-)}
-
-
-@dataclass(frozen=True)
-class Check:
-    key: str  # the fact's name
-    labels: tuple[str, ...]  # printed wordings of the statement ticked Yes or No
-    questions: tuple[str, ...]  # yes/no question wordings; the last is held out
-
-
-def K(key: str, labels: str, questions: str) -> Check:  # noqa: N802
-    return Check(key, tuple(labels.split("|")), tuple(questions.split("|")))
-
-
-_CHECKS = {c.key: c for c in (
-    K("paid", "Paid|Payment received|Settled", "Is the invoice marked as paid?|Has this invoice been paid?|Does the "
-      "invoice show payment received?"),
-    K("partial_delivery", "Partial delivery allowed|Split shipments accepted|Part deliveries OK", "Are partial "
-      "deliveries allowed?|May the order be delivered in parts?|Is split shipment accepted?"),
-    K("auto_renewal", "Renews automatically|Automatic renewal|Auto-renew", "Does the agreement renew "
-      "automatically?|Is there automatic renewal?|Will the contract auto-renew?"),
-    K("pets", "Pets allowed|Pets permitted|Animals allowed", "Are pets allowed?|May the tenant keep pets?|Does the "
-      "lease permit animals?"),
-    K("furnished", "Furnished|Furniture included|Comes furnished", "Is the property furnished?|Does the rent include "
-      "furniture?|Is it let furnished?"),
-    K("urgent", "Urgent|Priority request|Express handling", "Is the request marked urgent?|Is this a priority "
-      "request?|Was express handling requested?"),
-    K("card_payment", "Paid by card|Card payment|Card", "Was it paid by card?|Did the customer pay by card?|Was a "
-      "card used to pay?"),
-    K("overdraft", "Overdraft used|Account overdrawn|Overdraft", "Was the overdraft used?|Did the account go "
-      "overdrawn?|Is the overdraft marked as used?"),
-)}
-
-
-@dataclass(frozen=True)
-class Kind:
-    titles: tuple[str, ...]  # printed titles; the last is held out
-    fields: tuple[str, ...]  # field keys: the first ``required`` always, the rest sometimes
-    required: int  # how many of ``fields`` every page carries
-    table: str | None = None  # "items" (qty x price), "transactions", "rates" or None
-    clauses: tuple[str, ...] = ()  # clause keys, a random subset drawn
-    checks: tuple[str, ...] = ()  # yes/no keys, a random subset drawn
-    letter: bool = False  # body paragraphs in letter form around the fields
-
-
-KINDS = {
-    "invoice": Kind(("INVOICE", "Tax Invoice", "Invoice", "Commercial Invoice"),
-                    ("invoice_number", "invoice_date", "seller", "buyer", "due_date", "vat_number", "po_number"), 4,
-                    table="items", clauses=("payment_terms",), checks=("paid",)),
-    "purchase_order": Kind(("PURCHASE ORDER", "Purchase Order", "Order Form", "P.O."),
-                           ("po_number", "order_date", "supplier", "ship_to", "delivery_date", "phone"), 3,
-                           table="items", clauses=("delivery_terms", "payment_terms"), checks=("partial_delivery",)),
-    "contract": Kind(("SERVICES AGREEMENT", "Master Services Agreement", "Consulting Contract", "Service Contract"),
-                     ("agreement_number", "effective_date", "client", "provider"), 3,
-                     clauses=("term_months", "termination_notice", "liability_cap", "governing_law",
-                              "confidentiality_years", "payment_terms"), checks=("auto_renewal",)),
-    "lease": Kind(("RESIDENTIAL LEASE", "Lease Agreement", "Tenancy Agreement", "Rental Agreement"),
-                  ("landlord", "tenant", "property", "monthly_rent", "deposit", "start_date"), 4,
-                  clauses=("lease_term", "late_fee", "termination_notice"), checks=("pets", "furnished")),
-    "form": Kind(("EQUIPMENT LOAN APPLICATION", "Leave Request Form", "Registration Form", "Access Request"),
-                 ("applicant", "employee_id", "department", "phone", "email", "start_date"), 3, checks=("urgent",)),
-    "letter": Kind(("", "", "", ""), ("sender", "recipient", "letter_date", "reference"), 3, letter=True,
-                   clauses=("payment_terms", "termination_notice")),
-    "receipt": Kind(("RECEIPT", "Sales Receipt", "Till Receipt", "Cash Receipt"),
-                    ("store", "receipt_number", "receipt_date"), 2, table="items", checks=("card_payment",)),
-    "statement": Kind(("ACCOUNT STATEMENT", "Bank Statement", "Statement of Account", "Monthly Statement"),
-                      ("account_holder", "account_number", "statement_period", "opening_balance", "closing_balance"),
-                      3, table="transactions", checks=("overdraft",)),
-    "table": Kind(("PRICE LIST", "Rate Card", "Schedule of Rates", "Tariff"), ("prepared_by", "table_date"), 0,
-                  table="rates"),
-}
-# Concepts only one kind has: asked on other kinds' pages, their honest answer is the refusal.
-_UNIQUE = ("landlord", "tenant", "monthly_rent", "account_number", "closing_balance", "employee_id", "vat_number",
-           "ship_to", "receipt_number", "agreement_number")
-
-
-def _variants(options: tuple, split: str) -> tuple:
-    """The wordings a split may use: training all but the last, held out the last (one wording: both)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if len(options) < 2:
-        return options
-    return options[:-1] if split == "train" else options[-1:]
-
-
-@dataclass
-class Fact:
-    key: str  # field, clause, check or table-cell name
-    answer: str  # the exact text on the page (or ``REFUSAL``)
-    question: str  # one wording, drawn for this page
-    kind: str  # one of ``QUESTION_KINDS``
+__all__ = ["KINDS", "QUESTION_KINDS", "REFUSAL", "SPLITS", "Document", "pick_questions", "render_document",
+           "write_documents"]
 
 
 @dataclass
@@ -366,7 +84,7 @@ class Sheet:
         self.unit = short * rng.uniform(0.85, 1.2)  # text scale
         self.margin = int(rng.uniform(110, 200) * short)
         self.y = self.margin
-        self.family = rng.choice(_variants(FAMILIES, split))
+        self.family = rng.choice(variants(FAMILIES, split))
         self.ink = rng.choice(_INKS)
         self.body = rng.randint(30, 40)  # body text size at unit 1 (8-11 pt on a 2160 px high A4 scan)
 
@@ -461,7 +179,7 @@ def _fields(s: Sheet, items: list[tuple[FieldSpec, str, str]], style: str, doc: 
             s.box((x + label_w + 20 * s.unit, y, s.margin + s.width, y + row_h))
             s.text(x + 10 * s.unit, y + 9 * s.unit, label, bold=True)
             s.text(x + label_w + 32 * s.unit, y + 9 * s.unit, value)
-        doc.facts.append(Fact(spec.key, value, s.rng.choice(_variants(spec.questions, split)), "field"))
+        doc.facts.append(Fact(spec.key, value, s.rng.choice(variants(spec.questions, split)), "field"))
     s.y += rows * row_h + s.line()
 
 
@@ -492,7 +210,7 @@ _RATE_COLUMNS = ("Standard", "Express", "Weekend", "Night")
 
 def _table(s: Sheet, ctx: Ctx, kind: str, doc: Document, split: str) -> None:
     """An item, transaction or rate table; every cell asked about is a "table" fact."""
-    heads = [s.rng.choice(_variants(options, split)) for options in _HEADS[kind]]
+    heads = [s.rng.choice(variants(options, split)) for options in _HEADS[kind]]
     if kind == "rates":
         heads += s.rng.sample(_RATE_COLUMNS, s.rng.randint(2, 3))
     row_h = s.line() + int(16 * s.unit)
@@ -520,11 +238,11 @@ def _table(s: Sheet, ctx: Ctx, kind: str, doc: Document, split: str) -> None:
 
 
 def _table_rows(s: Sheet, ctx: Ctx, kind: str, heads: list[str], n: int, split: str) -> tuple[list, list[Fact]]:
-    ask = {k: _variants(v, split) for k, v in _TABLE_Q.items()}
+    ask = {k: variants(v, split) for k, v in _TABLE_Q.items()}
     rows, facts = [], []
     if kind == "items":
         total = 0
-        for item in s.rng.sample(_ITEMS, n):
+        for item in s.rng.sample(ITEMS, n):
             qty, cents = s.rng.randint(1, 400), s.rng.randint(100, 90_000)
             total += qty * cents
             rows.append([item, str(qty), f"{cents / 100:,.2f}", f"{qty * cents / 100:,.2f}"])
@@ -535,7 +253,7 @@ def _table_rows(s: Sheet, ctx: Ctx, kind: str, heads: list[str], n: int, split: 
     elif kind == "transactions":
         for what in s.rng.sample(_TRANSACTIONS, n):
             amount = f"{s.rng.choice('-+')}{s.rng.randint(5, 9_000):,}.{s.rng.randint(0, 99):02d}"
-            rows.append([_date(ctx), what, amount])
+            rows.append([date_value(ctx), what, amount])
             facts.append(Fact(f"txn_{what}", amount, s.rng.choice(ask["txn"]).format(row=what), "table"))
     else:
         for service in s.rng.sample(_SERVICES, n):
@@ -550,9 +268,9 @@ def _table_rows(s: Sheet, ctx: Ctx, kind: str, heads: list[str], n: int, split: 
 def _clauses(s: Sheet, ctx: Ctx, keys: list[str], doc: Document, split: str, numbered: bool = True) -> None:
     """Numbered clauses (or, in a letter, plain sentences in paragraphs): each answer sits inside a sentence."""
     for number, key in enumerate(keys, start=1):
-        clause = _CLAUSES[key]
+        clause = CLAUSES[key]
         value = clause.value(ctx)
-        heading = s.rng.choice(_variants(clause.headings, split))
+        heading = s.rng.choice(variants(clause.headings, split))
         lines = s.wrap(clause.text.format(v=value))
         if not s.fits(s.line() * (len(lines) + numbered) + s.line() // 2):
             return
@@ -563,7 +281,7 @@ def _clauses(s: Sheet, ctx: Ctx, keys: list[str], doc: Document, split: str, num
             s.text(s.margin, s.y, line)
             s.y += s.line()
         s.y += s.line() // 2
-        doc.facts.append(Fact(key, value, s.rng.choice(_variants(clause.questions, split)), "clause"))
+        doc.facts.append(Fact(key, value, s.rng.choice(variants(clause.questions, split)), "clause"))
     s.y += s.line() // 2
 
 
@@ -573,8 +291,8 @@ def _checks(s: Sheet, keys: list[str], doc: Document, split: str) -> None:
     for key in keys:
         if not s.fits(s.line() + side):
             return
-        check = _CHECKS[key]
-        label, yes = s.rng.choice(_variants(check.labels, split)), s.rng.random() < 0.5
+        check = CHECKS[key]
+        label, yes = s.rng.choice(variants(check.labels, split)), s.rng.random() < 0.5
         if s.rng.random() < 0.5:
             self_box = [(s.margin, yes, label)]
         else:
@@ -588,7 +306,7 @@ def _checks(s: Sheet, keys: list[str], doc: Document, split: str) -> None:
                 s.draw.line((x, s.y + side, x + side, s.y), fill=s.ink, width=max(1, int(4 * s.unit)))
             s.text(x + side + 16 * s.unit, s.y - 4 * s.unit, word)
         s.y += side + s.line() // 2
-        doc.facts.append(Fact(key, "Yes" if yes else "No", s.rng.choice(_variants(check.questions, split)), "yes/no"))
+        doc.facts.append(Fact(key, "Yes" if yes else "No", s.rng.choice(variants(check.questions, split)), "yes/no"))
     s.y += s.line() // 2
 
 
@@ -633,7 +351,7 @@ def _values(ctx: Ctx, keys: list[str]) -> dict[str, str]:
     values: dict[str, str] = {}
     for key in keys:
         for _ in range(50):
-            value = _FIELDS[key].value(ctx)
+            value = FIELDS[key].value(ctx)
             if value not in values.values():
                 break
         values[key] = value
@@ -650,21 +368,21 @@ def render_document(kind: str, seed: int, *, size: tuple[int, int] = (2880, 2160
         raise ValueError(f"page size {size[0]}x{size[1]} is too small for a document (at least 256 px a side)")
     rng = random.Random(seed)
     spec = KINDS[kind]
-    ctx = Ctx(rng, rng.choice(_CURRENCIES), rng.randrange(5))
+    ctx = Ctx(rng, rng.choice(CURRENCIES), rng.randrange(5))
     s = Sheet(*size, rng, split)
     doc = Document(s.image, kind)
     keys = list(spec.fields[:spec.required]) + [k for k in spec.fields[spec.required:] if rng.random() < 0.6]
     values = _values(ctx, keys)
     issuer = _ISSUERS.get(kind) if _ISSUERS.get(kind) in values else None
-    _header(s, rng.choice(_variants(spec.titles, split)), values[issuer] if issuer else None)
+    _header(s, rng.choice(variants(spec.titles, split)), values[issuer] if issuer else None)
     if issuer:
-        field_spec = _FIELDS[issuer]
-        doc.facts.append(Fact(issuer, values[issuer], rng.choice(_variants(field_spec.questions, split)), "field"))
+        field_spec = FIELDS[issuer]
+        doc.facts.append(Fact(issuer, values[issuer], rng.choice(variants(field_spec.questions, split)), "field"))
     sender = values.pop("sender", None) if spec.letter else None
-    items = [(_FIELDS[k], rng.choice(_variants(_FIELDS[k].labels, split)), v) for k, v in values.items() if k != issuer]
+    items = [(FIELDS[k], rng.choice(variants(FIELDS[k].labels, split)), v) for k, v in values.items() if k != issuer]
     rng.shuffle(items)
     cut = rng.randint((len(items) + 1) // 2, len(items))
-    style = rng.choice(_variants(FIELD_STYLES, split)) if not spec.letter else rng.choice(("colon", "aligned"))
+    style = rng.choice(variants(FIELD_STYLES, split)) if not spec.letter else rng.choice(("colon", "aligned"))
     _fields(s, items[:cut], style, doc, split)
     clauses = rng.sample(spec.clauses, rng.randint(1, len(spec.clauses))) if spec.clauses else []
     checks = rng.sample(spec.checks, rng.randint(1, len(spec.checks))) if spec.checks else []
@@ -691,7 +409,7 @@ def render_document(kind: str, seed: int, *, size: tuple[int, int] = (2880, 2160
         block()
     _fields(s, items[cut:], style, doc, split)
     if spec.letter:
-        question = rng.choice(_variants(_FIELDS["sender"].questions, split))
+        question = rng.choice(variants(FIELDS["sender"].questions, split))
         _signature(s, doc, Fact("sender", sender, question, "field") if sender else None, rng.choice(_CLOSINGS))
     doc.absent = _absent(rng, kind, doc, split)
     doc.image = scan_damage(s.image, rng, damage, rotate=0.4) if damage > 0 else s.image
@@ -704,9 +422,9 @@ def _absent(rng: random.Random, kind: str, doc: Document, split: str) -> list[Fa
     spec, drawn = KINDS[kind], {f.key for f in doc.facts}
     pool = [("field", k) for k in spec.fields if k not in drawn and not (spec.letter and k == "sender")]
     pool += [("clause", k) for k in spec.clauses if k not in drawn]
-    pool += [("field", k) for k in rng.sample(_UNIQUE, 3) if k not in spec.fields]
+    pool += [("field", k) for k in rng.sample(UNIQUE, 3) if k not in spec.fields]
     chosen = rng.sample(pool, min(2, len(pool)))
-    return [Fact(key, REFUSAL, rng.choice(_variants((_FIELDS[key] if what == "field" else _CLAUSES[key]).questions,
+    return [Fact(key, REFUSAL, rng.choice(variants((FIELDS[key] if what == "field" else CLAUSES[key]).questions,
                                                     split)), "absent") for what, key in chosen]
 
 
