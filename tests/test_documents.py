@@ -264,8 +264,11 @@ def test_attention_endpoint_maps_every_page(served):
     engine, url = served
     body = {"model": "tiny", "messages": [{"role": "user", "content": [
         _pdf_part(_pdf(2)), {"type": "text", "text": "What is the total?"}]}]}
+    engine.clear_caches()
     r = httpx.post(url + "/v1/fovea/attention", json=body, timeout=60)
     assert r.status_code == 200, r.text
+    chat = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=60).json()
+    assert chat["fovea_metrics"]["encoder_cache_hits"] == 2  # the pages the attention route encoded, reused
     images = r.json()["images"]
     assert len(images) == 2 and all(m["applies"] for m in images)
     for m in images:

@@ -230,9 +230,7 @@ class VLM(nn.Module):
         """Features per image: encoded now, or taken from an ``EncodedImage`` (in the connector's dtype)."""
         raw = [i for i, p in enumerate(pixels) if not isinstance(p, EncodedImage)]
         fresh = iter(self.encode([pixels[i] for i in raw])) if raw else iter(())
-        param = next(self.connector.parameters(), None)
-        dtype = param.dtype if param is not None else None
-        return [p.features.to(self.device, dtype or p.features.dtype) if isinstance(p, EncodedImage) else next(fresh)
+        return [p.features.to(self.device, self.connector_dtype) if isinstance(p, EncodedImage) else next(fresh)
                 for p in pixels]
 
     def visual_tokens(
@@ -276,12 +274,14 @@ class VLM(nn.Module):
     @torch.no_grad()
     def attention_maps(
         self, pixels: Sequence[torch.Tensor], instructions: Sequence[torch.Tensor] | None = None,
+        features: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor | None]:
         """Per image, where the connector's queries looked: an (h_i,w_i) map over the encoder grid summing to 1
-        (Q-Former, Perceiver), or None for connectors without queries."""
+        (Q-Former, Perceiver), or None for connectors without queries. ``features``: the images' encoder output
+        when the caller has it (the engine's encoder cache)."""
         out: list[torch.Tensor | None] = []
-        for i, features in enumerate(self.encode(pixels)):
-            feats = features[None].to(self.connector_dtype)  # (1,C,h,w)
+        for i, grid in enumerate(self.encode(pixels) if features is None else features):
+            feats = grid[None].to(self.connector_dtype)  # (1,C,h,w)
             found = self.connector.attention_map(feats, **self._instruction_inputs(instructions, [i]))
             out.append(None if found is None else found[0].float())
         return out

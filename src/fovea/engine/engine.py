@@ -130,19 +130,27 @@ class Engine:
         if not pixel_keys:
             return torch.empty(0, model.lm.config.hidden_size, device=model.device, dtype=model.lm.dtype)
         pixels = [img.pixels for img in prompt.images]
-
-        def encode(todo: list[int]) -> list[torch.Tensor]:
-            start = time.perf_counter()
-            features = model.encode([pixels[i] for i in todo])
-            metrics.encode_ms = 1e3 * (time.perf_counter() - start)
-            return features
-
-        features, metrics.encoder_cache_hits = self.encoder_cache.get(pixel_keys, encode)
+        features, metrics.encoder_cache_hits = self.encoder_features(prompt, pixel_keys, metrics)
         timings: dict[str, float] = {}
         tokens = model.image_tokens(pixels, prompt.instructions, [img.original_size for img in prompt.images],
                                     timings, features=features)
         metrics.compress_ms = 1e3 * timings["compress_s"]
         return torch.cat(tokens)
+
+    def encoder_features(self, prompt, pixel_keys: list[str] | None = None,
+                         metrics: RequestMetrics | None = None) -> tuple[list[torch.Tensor], int]:
+        """The prompt's images' encoder features through the encoder cache (each page encoded once, whoever asks:
+        a request, or the server's attention route), and how many came from the cache."""
+        pixels = [img.pixels for img in prompt.images]
+
+        def encode(todo: list[int]) -> list[torch.Tensor]:
+            start = time.perf_counter()
+            features = self.model.encode([pixels[i] for i in todo])
+            if metrics is not None:
+                metrics.encode_ms = 1e3 * (time.perf_counter() - start)
+            return features
+
+        return self.encoder_cache.get(pixel_keys or self._pixel_keys(prompt), encode)
 
     def clear_caches(self) -> None:
         """Forget every cached encode and prompt prefix: call it after changing the model's weights, since both

@@ -283,7 +283,8 @@ async def attention(body: ChatRequest, raw: Request):
             prompt = state.engine.processor(messages, images)
         except ValueError as err:
             raise ApiError(400, str(err), "messages") from None
-        maps = model.attention_maps([p.pixels for p in prompt.images], prompt.instructions)
+        features, _ = state.engine.encoder_features(prompt)  # the page a chat request encoded is not encoded again
+        maps = model.attention_maps([p.pixels for p in prompt.images], prompt.instructions, features=features)
         out = []
         for image, found in zip(prompt.images, maps, strict=True):
             height, width = image.pixels.shape[-2:]
