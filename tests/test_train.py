@@ -223,7 +223,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, par
                eval_data=str(setup / "data" / "data.json"))  # evaluation at the end, on one process
     flags = []
     for k, v in cfg.__dict__.items():
-        if k != "lora_targets" and v is not None:
+        if k not in ("lora_targets", "connector") and v is not None:  # defaults: no flag needed
             flags += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
