@@ -324,13 +324,11 @@ def cmd_eval_qa(data: str, args: argparse.Namespace) -> int:
                      device=args.device, dtype=args.dtype, threads=args.threads, encoder_runtime=args.encoder_runtime)
     from tqdm.auto import tqdm
 
-    with tqdm(desc="fovea eval", unit="question") as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    from fovea.log import advance
 
+    with tqdm(desc="fovea eval", unit="question") as bar:
         result = evaluate_qa(data, model, max_tokens=args.max_tokens, batch=args.batch, limit=args.limit,
-                             out=args.out, title=args.title, progress=progress)
+                             out=args.out, title=args.title, progress=lambda done, total: advance(bar, done, total))
     print(table(result))
     if args.out:
         print(f"wrote {Path(args.out) / 'qa-eval.json'} and {Path(args.out) / 'qa-eval.png'}", file=sys.stderr)

@@ -30,3 +30,9 @@ def show_on_stderr(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)
+
+
+def advance(bar, done: int, total: int) -> None:
+    """Move a tqdm ``bar`` to ``done`` of ``total`` (for ``progress(done, total)`` callbacks)."""
+    bar.total = total
+    bar.update(done - bar.n)

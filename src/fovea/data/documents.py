@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -127,15 +128,10 @@ class Sheet:
         self.draw.rectangle(tuple(int(v) for v in box), outline=self.ink, width=max(1, int(width * self.unit)))
 
 
-_FACES: dict[tuple[str, bool, int], ImageFont.FreeTypeFont] = {}
-
-
+@lru_cache(maxsize=256)
 def _face(family: str, bold: bool, size: int) -> ImageFont.FreeTypeFont:
-    key = (family, bold, size)
-    if key not in _FACES:
-        name = f"{family}-Bold.ttf" if bold else f"{family}.ttf"
-        _FACES[key] = load_font(name, size) if name in available_fonts() else ImageFont.load_default(size=size)
-    return _FACES[key]
+    name = f"{family}-Bold.ttf" if bold else f"{family}.ttf"
+    return load_font(name, size) if name in available_fonts() else ImageFont.load_default(size=size)
 
 
 def _header(s: Sheet, title: str, issuer: str | None) -> None:
@@ -294,12 +290,12 @@ def _checks(s: Sheet, keys: list[str], doc: Document, split: str) -> None:
         check = CHECKS[key]
         label, yes = s.rng.choice(variants(check.labels, split)), s.rng.random() < 0.5
         if s.rng.random() < 0.5:
-            self_box = [(s.margin, yes, label)]
+            boxes = [(s.margin, yes, label)]
         else:
             s.text(s.margin, s.y, label + ":")
             x = s.margin + s.length(label + ":") + 30 * s.unit
-            self_box = [(x, yes, "Yes"), (x + side + s.length("Yes") + 60 * s.unit, not yes, "No")]
-        for x, ticked, word in self_box:
+            boxes = [(x, yes, "Yes"), (x + side + s.length("Yes") + 60 * s.unit, not yes, "No")]
+        for x, ticked, word in boxes:
             s.box((x, s.y, x + side, s.y + side), width=3)
             if ticked:
                 s.draw.line((x, s.y, x + side, s.y + side), fill=s.ink, width=max(1, int(4 * s.unit)))

@@ -81,6 +81,17 @@ def _structure(item: dict) -> tuple[list[dict], list[str], str | None]:
     return list(messages), images, problem
 
 
+def split_reference(record: Record) -> tuple[list[dict], str]:
+    """The conversation before the record's last answer (the prompt to generate from) and that answer (the
+    reference an evaluation compares with); a record without an answer is a DataError naming it."""
+    if record.problem:
+        raise DataError(record.id, record.problem)
+    answers = [i for i, m in enumerate(record.messages) if m["role"] == "assistant"]
+    if not answers:
+        raise DataError(record.id, "has no reference answer (no assistant turn)")
+    return record.messages[:answers[-1]], str(record.messages[answers[-1]]["content"])
+
+
 def read_records(path: str | Path) -> list[Record]:
     """A JSON list or JSONL file of records in either format:
     LLaVA: ``{"id", "image": path | [paths], "conversations": [{"from": "human"|"gpt", "value"}]}``;

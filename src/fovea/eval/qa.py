@@ -63,9 +63,10 @@ class Row:
 def make_row(record, answer: str, ttft_ms: float | None = None, cold: bool | None = None,
              visual_tokens: int | None = None) -> Row:
     """One scored answer: ``record`` a ``fovea.data.records.Record`` whose last assistant turn is the reference."""
-    last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
-    reference = str(record.messages[last]["content"])
-    asked = [m for m in record.messages[:last] if m["role"] == "user"]
+    from fovea.data.records import split_reference
+
+    prompt, reference = split_reference(record)
+    asked = [m for m in prompt if m["role"] == "user"]
     question = str(asked[-1]["content"]).replace("<image>", "").strip() if asked else ""
     return Row(id=record.id, document_kind=str(record.meta.get("kind") or "unlabelled"),
                question_kind=question_kind(record.meta, reference), question=question, reference=reference,
@@ -157,7 +158,7 @@ def evaluate_qa(data: str | Path, model, *, max_tokens: int = 32, batch: int = 8
     Writes ``qa-eval.json`` (summary and every answer) and ``qa-eval.png`` under ``out`` when given."""
     import torch
 
-    from fovea.data.records import DataError, load_page, read_records
+    from fovea.data.records import load_page, read_records, split_reference
     from fovea.engine import Engine, EngineConfig, SamplingParams
 
     records = read_records(data)[:limit] if limit else read_records(data)
@@ -169,13 +170,9 @@ def evaluate_qa(data: str | Path, model, *, max_tokens: int = 32, batch: int = 8
         chunk = records[start:start + batch]
         requests = []
         for r in chunk:
-            if r.problem:
-                raise DataError(r.id, r.problem)
-            if not any(m["role"] == "assistant" for m in r.messages):
-                raise DataError(r.id, "has no reference answer (no assistant turn)")
-            last = max(i for i, m in enumerate(r.messages) if m["role"] == "assistant")
+            prompt, _ = split_reference(r)
             images = [load_page(p, engine.processor, r.id) for p in r.images]
-            requests.append((r.messages[:last], images, SamplingParams(max_tokens=max_tokens)))
+            requests.append((prompt, images, SamplingParams(max_tokens=max_tokens)))
         with torch.no_grad():
             results = engine.generate(requests)
         for r, res in zip(chunk, results, strict=True):

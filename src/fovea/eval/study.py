@@ -59,8 +59,12 @@ class StudyConfig:
         unknown = [c for c in self.connectors if c not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown bridges {unknown}; available: {sorted(VARIANTS)}")
-        if not self.seeds or any(b < 1 for b in self.budgets) or self.steps < 1:
-            raise ValueError("the study needs at least one seed, budgets >= 1 and steps >= 1")
+        if not self.seeds:
+            raise ValueError("the study needs at least one seed (--seeds)")
+        bad = [b for b in self.budgets if b < 1]
+        if bad or self.steps < 1:
+            raise ValueError(f"budgets and steps must be >= 1, got budgets {bad or list(self.budgets)} and steps "
+                             f"{self.steps}")
 
 
 @dataclass

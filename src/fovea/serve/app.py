@@ -187,9 +187,7 @@ def to_engine_input(req: ChatRequest, local_dir: Path | None, max_pixels: int,
                                "per request (--max-pages)", where)
             document = decode_document(url, where, local_dir, max_pixels, remaining, target_side, name)
             total_pixels += document.pixels
-            if max_request_pixels is not None and total_pixels > max_request_pixels:
-                raise ApiError(400, f"{where}: the request's pages reach {total_pixels:,} pixels; the limit is "
-                               f"{max_request_pixels:,} per request (--max-request-pixels)", where)
+            _check_request_pixels(total_pixels, max_request_pixels, where)
             for number, page in zip(document.numbers, document.pages, strict=True):
                 if document.kind != "image":
                     parts.append({"type": "text", "text": f"Page {number}:"})
@@ -197,6 +195,12 @@ def to_engine_input(req: ChatRequest, local_dir: Path | None, max_pixels: int,
                 images.append(page)
         messages.append({"role": message.role, "content": parts})
     return messages, images
+
+
+def _check_request_pixels(total: int, limit: int | None, where: str) -> None:
+    if limit is not None and total > limit:
+        raise ApiError(400, f"{where}: the request's pages reach {total:,} pixels; the limit is {limit:,} per "
+                       "request (--max-request-pixels)", where)
 
 
 def _engine_input(state: ServerState, body: ChatRequest) -> tuple[list[dict], list]:
@@ -338,9 +342,7 @@ async def pages(body: PagesRequest, raw: Request):
     def render() -> list[dict[str, Any]]:
         document = decode_document(body.file_data, "file_data", state.local_dir, pre.max_pixels,
                                    state.limits.max_pages, pre.max_side, body.filename)
-        if document.pixels > state.limits.max_request_pixels:
-            raise ApiError(400, f"file_data: the document's pages reach {document.pixels:,} pixels; the limit is "
-                           f"{state.limits.max_request_pixels:,} per request (--max-request-pixels)", "file_data")
+        _check_request_pixels(document.pixels, state.limits.max_request_pixels, "file_data")
         return [{"page": number, "width": page.width, "height": page.height, "image": _jpeg_uri(page)}
                 for number, page in zip(document.numbers, document.pages, strict=True)]
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from fovea.checkpoint import save_model
 from fovea.config import settings_from_dict
-from fovea.data.records import encode_record, load_dataset, read_records, split_ids
-from fovea.log import say
+from fovea.data.records import encode_record, load_dataset, read_records, split_ids, split_reference
+from fovea.log import advance, say
 from fovea.packing import IGNORE_INDEX, pack
 from fovea.runtime import resolve_device, resolve_dtype
 from fovea.train.features import FeatureCache
@@ -280,9 +280,9 @@ def exact_match(model, records, max_tokens: int) -> float:
     engine = Engine(model, EngineConfig(max_batch=8, max_len=8192, step_tokens=4096, encoder_cache=0))
     requests, answers = [], []
     for r in records:
-        last = max(i for i, m in enumerate(r.messages) if m["role"] == "assistant")
-        requests.append((r.messages[:last], list(r.images), SamplingParams(max_tokens=max_tokens)))
-        answers.append(" ".join(str(r.messages[last]["content"]).split()))
+        prompt, reference = split_reference(r)
+        requests.append((prompt, list(r.images), SamplingParams(max_tokens=max_tokens)))
+        answers.append(" ".join(reference.split()))
     with torch.no_grad():
         results = engine.generate(requests)
     model.train(was_training)
@@ -328,11 +328,6 @@ def _assignment(item: str) -> tuple[str, Any]:
     if not sep or not name:
         raise ValueError(f"connector setting {item!r} is not name=value (e.g. num_queries=128)")
     return name, yaml.safe_load(value)
-
-
-def _advance(bar, done: int, total: int) -> None:
-    bar.total = total
-    bar.update(done - bar.n)
 
 
 def _packed_loss(model, batch) -> torch.Tensor:
@@ -403,7 +398,7 @@ class TrainRecipe:
 
         bar = tqdm(desc="reading data", unit="record", disable=not (self.progress and self.main))
         data = load_dataset(cfg.data, processor, on_bad=cfg.on_bad, max_len=cfg.max_len, report=self.say,
-                            transform=cache, progress=lambda done, total: _advance(bar, done, total))
+                            transform=cache, progress=lambda done, total: advance(bar, done, total))
         bar.close()
         if cache is not None:
             self.say(f"fovea train: encoder features cached ({cfg.cache_features}): {cache.encoded} pages encoded, "
