@@ -141,8 +141,10 @@ class QFormerAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q = _heads(self.query(x), self.heads)  # (B,n,E) -> (B,H,n,E/H)
-        k = _heads(self.key(context), self.heads)  # (B,m,E') -> (B,H,m,E/H)
+        k = _heads(self.key(context), self.heads)  # (B',m,E') -> (B',H,m,E/H)
         v = _heads(self.value(context), self.heads)
+        if k.shape[0] != q.shape[0]:  # one image read by B instructions' queries: its keys and values made once
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)  # (1,H,m,d) -> (B,H,m,d)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.norm(x + self.dense(_merge(attn)))  # (B,n,E)
 
@@ -227,7 +229,8 @@ class QFormer(Connector):
 
     def forward(self, features, text_embeds=None, text_mask=None, text_ids=None):
         """``text_embeds`` (B,L,D) LLM embeddings of the instruction, or ``text_ids`` (B,L) in the Q-Former's own
-        vocabulary; ``text_mask`` (B,L) marks real tokens."""
+        vocabulary; ``text_mask`` (B,L) marks real tokens. ``features`` of one image (1,C,h,w) with B > 1
+        instructions reads that image once for all of them (several questions about one page)."""
         return self.proj_out(self.query_states(features, text_embeds, text_mask, text_ids))  # (B,Q,D)
 
     def attention_map(self, features, text_embeds=None, text_mask=None, text_ids=None, **kwargs):
@@ -239,6 +242,9 @@ class QFormer(Connector):
         """The queries' last hidden states before the LLM projection, (B,Q,E): BLIP-2's ``query_output``."""
         check_features(features, self.in_channels)
         b = features.shape[0]
+        given = text_embeds if text_embeds is not None else text_ids
+        if b == 1 and self.instruction_aware and given is not None and given.ndim >= 2:
+            b = given.shape[0]  # one image, b instructions: the image tokens stay (1,N,C)
         image = self.image_norm(_image_tokens(features, self.position_encoding))  # (B,N,C)
         x = self.query_tokens.expand(b, -1, -1)  # (B,Q,E)
         text = self._text(b, text_embeds, text_ids)  # (B,L,E) or None

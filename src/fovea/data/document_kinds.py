@@ -310,3 +310,4 @@ class Fact:
     answer: str  # the exact text on the page (or ``REFUSAL``)
     question: str  # one wording, drawn for this page
     kind: str  # one of ``QUESTION_KINDS``
+    evidence: str = ""  # the page's text that answers it, as a reader would transcribe it ("" for absent ones)

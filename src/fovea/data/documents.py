@@ -175,7 +175,8 @@ def _fields(s: Sheet, items: list[tuple[FieldSpec, str, str]], style: str, doc: 
             s.box((x + label_w + 20 * s.unit, y, s.margin + s.width, y + row_h))
             s.text(x + 10 * s.unit, y + 9 * s.unit, label, bold=True)
             s.text(x + label_w + 32 * s.unit, y + 9 * s.unit, value)
-        doc.facts.append(Fact(spec.key, value, s.rng.choice(variants(spec.questions, split)), "field"))
+        doc.facts.append(Fact(spec.key, value, s.rng.choice(variants(spec.questions, split)), "field",
+                              f"{label}: {value}"))
     s.y += rows * row_h + s.line()
 
 
@@ -242,22 +243,25 @@ def _table_rows(s: Sheet, ctx: Ctx, kind: str, heads: list[str], n: int, split: 
             qty, cents = s.rng.randint(1, 400), s.rng.randint(100, 90_000)
             total += qty * cents
             rows.append([item, str(qty), f"{cents / 100:,.2f}", f"{qty * cents / 100:,.2f}"])
-            facts.append(Fact(f"qty_{item}", str(qty), s.rng.choice(ask["qty"]).format(row=item), "table"))
-        amount = f"{ctx.currency}{total / 100:,.2f}"
-        rows.append(["", "", s.rng.choice(_TOTALS), amount])
-        facts.append(Fact("total", amount, s.rng.choice(ask["total"]), "table"))
+            facts.append(Fact(f"qty_{item}", str(qty), s.rng.choice(ask["qty"]).format(row=item), "table",
+                              f"{item}, {heads[1]}: {qty}"))
+        amount, word = f"{ctx.currency}{total / 100:,.2f}", s.rng.choice(_TOTALS)
+        rows.append(["", "", word, amount])
+        facts.append(Fact("total", amount, s.rng.choice(ask["total"]), "table", f"{word}: {amount}"))
     elif kind == "transactions":
         for what in s.rng.sample(_TRANSACTIONS, n):
             amount = f"{s.rng.choice('-+')}{s.rng.randint(5, 9_000):,}.{s.rng.randint(0, 99):02d}"
             rows.append([date_value(ctx), what, amount])
-            facts.append(Fact(f"txn_{what}", amount, s.rng.choice(ask["txn"]).format(row=what), "table"))
+            facts.append(Fact(f"txn_{what}", amount, s.rng.choice(ask["txn"]).format(row=what), "table",
+                              f"{what}: {amount}"))
     else:
         for service in s.rng.sample(_SERVICES, n):
             cells = [f"{ctx.currency}{s.rng.randint(20, 3_000):,}.00" for _ in heads[1:]]
             rows.append([service, *cells])
             col = s.rng.randrange(1, len(heads))
             facts.append(Fact(f"rate_{service}_{heads[col]}", cells[col - 1],
-                              s.rng.choice(ask["rate"]).format(row=service, col=heads[col]), "table"))
+                              s.rng.choice(ask["rate"]).format(row=service, col=heads[col]), "table",
+                              f"{service}, {heads[col]}: {cells[col - 1]}"))
     return rows, facts
 
 
@@ -267,7 +271,8 @@ def _clauses(s: Sheet, ctx: Ctx, keys: list[str], doc: Document, split: str, num
         clause = CLAUSES[key]
         value = clause.value(ctx)
         heading = s.rng.choice(variants(clause.headings, split))
-        lines = s.wrap(clause.text.format(v=value))
+        sentence = clause.text.format(v=value)
+        lines = s.wrap(sentence)
         if not s.fits(s.line() * (len(lines) + numbered) + s.line() // 2):
             return
         if numbered:
@@ -277,7 +282,8 @@ def _clauses(s: Sheet, ctx: Ctx, keys: list[str], doc: Document, split: str, num
             s.text(s.margin, s.y, line)
             s.y += s.line()
         s.y += s.line() // 2
-        doc.facts.append(Fact(key, value, s.rng.choice(variants(clause.questions, split)), "clause"))
+        doc.facts.append(Fact(key, value, s.rng.choice(variants(clause.questions, split)), "clause",
+                              f"{heading}: {sentence}" if numbered else sentence))
     s.y += s.line() // 2
 
 
@@ -302,7 +308,9 @@ def _checks(s: Sheet, keys: list[str], doc: Document, split: str) -> None:
                 s.draw.line((x, s.y + side, x + side, s.y), fill=s.ink, width=max(1, int(4 * s.unit)))
             s.text(x + side + 16 * s.unit, s.y - 4 * s.unit, word)
         s.y += side + s.line() // 2
-        doc.facts.append(Fact(key, "Yes" if yes else "No", s.rng.choice(variants(check.questions, split)), "yes/no"))
+        answer = "Yes" if yes else "No"
+        doc.facts.append(Fact(key, answer, s.rng.choice(variants(check.questions, split)), "yes/no",
+                              f"{label}: {answer}"))
     s.y += s.line() // 2
 
 
@@ -334,6 +342,7 @@ def _signature(s: Sheet, doc: Document, sender: Fact | None, closing: str) -> No
     if sender is not None:
         s.text(s.margin, s.y, sender.answer, bold=True)
         s.y += s.line()
+        sender.evidence = f"{closing}\n{sender.answer}"
         doc.facts.append(sender)
 
 
@@ -370,10 +379,12 @@ def render_document(kind: str, seed: int, *, size: tuple[int, int] = (2880, 2160
     keys = list(spec.fields[:spec.required]) + [k for k in spec.fields[spec.required:] if rng.random() < 0.6]
     values = _values(ctx, keys)
     issuer = _ISSUERS.get(kind) if _ISSUERS.get(kind) in values else None
-    _header(s, rng.choice(variants(spec.titles, split)), values[issuer] if issuer else None)
+    title = rng.choice(variants(spec.titles, split))
+    _header(s, title, values[issuer] if issuer else None)
     if issuer:
         field_spec = FIELDS[issuer]
-        doc.facts.append(Fact(issuer, values[issuer], rng.choice(variants(field_spec.questions, split)), "field"))
+        doc.facts.append(Fact(issuer, values[issuer], rng.choice(variants(field_spec.questions, split)), "field",
+                              f"{title}\n{values[issuer]}" if title else values[issuer]))
     sender = values.pop("sender", None) if spec.letter else None
     items = [(FIELDS[k], rng.choice(variants(FIELDS[k].labels, split)), v) for k, v in values.items() if k != issuer]
     rng.shuffle(items)
@@ -505,6 +516,7 @@ def write_documents(out: str | Path, *, num_pages: int, seed: int = 0, kinds: tu
 
 def _record(rid: str, image: str | list[str], kind: str, fact: Fact, shown: str) -> dict:
     return {"id": rid, "image": image, "kind": kind, "field": fact.key, "question_kind": fact.kind,
+            "evidence": fact.evidence,
             "conversations": [{"from": "human", "value": shown + fact.question},
                               {"from": "gpt", "value": fact.answer}]}
 

@@ -118,9 +118,37 @@ def read_records(path: str | Path) -> list[Record]:
     return records
 
 
-def encode_record(record: Record, processor: Any) -> Sample:
+def merge_data_files(out: str | Path, inputs: Sequence[str | Path]) -> Path:
+    """One data file from several (e.g. ``fovea synth`` runs made in parallel): image paths rewritten against
+    ``out``'s folder, ids prefixed with their file's folder name so they stay unique."""
+    out = Path(out)
+    merged = []
+    for source in map(Path, inputs):
+        if not source.is_file():
+            raise ValueError(f"data file {str(source)!r} does not exist")
+        for item in json.loads(source.read_text()):
+            item = dict(item)
+            for key in ("image", "images"):
+                if isinstance(item.get(key), str):
+                    item[key] = _relocated(item[key], source.parent, out.parent)
+                elif isinstance(item.get(key), list):
+                    item[key] = [_relocated(p, source.parent, out.parent) for p in item[key]]
+            item["id"] = f"{source.parent.name}/{item.get('id', len(merged))}"
+            merged.append(item)
+    out.write_text(json.dumps(merged, indent=1))
+    return out
+
+
+def _relocated(path: str, source: Path, target: Path) -> str:
+    import os
+
+    return os.path.relpath((source / path).resolve(), target.resolve())
+
+
+def encode_record(record: Record, processor: Any, pages: dict | None = None) -> Sample:
     """Tokenise a conversation with the model's chat template and processor: images preprocessed, placeholders
-    expanded, labels on assistant turns only (IGNORE_INDEX elsewhere)."""
+    expanded, labels on assistant turns only (IGNORE_INDEX elsewhere). ``pages``: prepared images by path, filled
+    and reused (several questions about one page read and resize it once)."""
     if record.problem:
         raise DataError(record.id, record.problem)
     messages = record.messages
@@ -129,7 +157,11 @@ def encode_record(record: Record, processor: Any) -> Sample:
     for m in messages:
         if m.get("role") not in ("user", "assistant", "system"):
             raise DataError(record.id, f"unknown role {m.get('role')!r} (expected human/gpt or user/assistant)")
-    images = [load_page(p, processor, record.id) for p in record.images]
+    pages = {} if pages is None else pages
+    for p in record.images:
+        if p not in pages:
+            pages[p] = processor.image_processor(load_page(p, processor, record.id))
+    images = [pages[p] for p in record.images]
     try:  # the model's own processor: images, chat template, placeholder expansion, instructions
         prompt = processor(messages, images, add_generation_prompt=False)
     except ValueError as err:
@@ -210,9 +242,12 @@ def load_dataset(
         raise ValueError(f"on_bad must be 'stop' or 'skip', got {on_bad!r}")
     samples, skipped, records = [], [], []
     all_records = read_records(path)
+    pages: dict = {}  # the last record's prepared pages: a page's questions come one after another
     for done, record in enumerate(all_records, start=1):
         try:
-            sample = encode_record(record, processor)
+            if set(record.images) - set(pages):
+                pages.clear()
+            sample = encode_record(record, processor, pages)
             if max_len is not None and len(sample) > max_len:
                 raise DataError(record.id, f"{len(sample)} tokens, over the maximum sequence length {max_len}")
             samples.append(transform(sample) if transform is not None else sample)

@@ -30,6 +30,8 @@ class ImageProcessor:
         self.encoder, self.cfg = encoder, cfg
 
     def __call__(self, image: Any) -> PreparedImage:
+        if isinstance(image, PreparedImage):  # prepared once for several prompts (questions about one page)
+            return image
         img = load_image(image, max_pixels=self.cfg.max_pixels)
         original = (img.height, img.width)
         if self.cfg.center_crop:

@@ -51,14 +51,19 @@ class FeatureCache:
             self.folder.mkdir(parents=True, exist_ok=True)
         self.fingerprint = encoder_fingerprint(model)
         self.memory: dict[str, torch.Tensor] = {}
+        self.last: tuple[torch.Tensor, str] | None = None  # the last pixels and their key: a page's next question
         self.encoded = self.loaded = self.reused = 0  # pages encoded now, read from disk, found in memory
 
     def __call__(self, sample: Sample) -> Sample:
         return replace(sample, images=[self.get(pixels) for pixels in sample.images])
 
     def get(self, pixels: torch.Tensor) -> EncodedImage:
-        key = _digest(pixels.detach().cpu().contiguous().numpy().tobytes(), str(tuple(pixels.shape)).encode(),
-                      str(self.dtype).encode(), self.fingerprint.encode())
+        if self.last is not None and self.last[0] is pixels:  # the same tensor: no need to hash it again
+            key = self.last[1]
+        else:
+            key = _digest(pixels.detach().cpu().contiguous().numpy().tobytes(), str(tuple(pixels.shape)).encode(),
+                          str(self.dtype).encode(), self.fingerprint.encode())
+            self.last = (pixels, key)
         if key in self.memory:
             self.reused += 1
         else:

@@ -31,9 +31,10 @@ from fovea.data.records import encode_record, load_dataset, read_records, split_
 from fovea.log import advance, say
 from fovea.packing import IGNORE_INDEX, pack
 from fovea.runtime import resolve_device, resolve_dtype
+from fovea.train.evidence import evidence_accuracy, evidence_loss, evidence_targets, group_by_page, pad_id
 from fovea.train.features import FeatureCache
 
-STAGES = ("align", "finetune")
+STAGES = ("align", "finetune", "evidence")
 
 
 @dataclass
@@ -43,12 +44,15 @@ class TrainConfig:
     model: str = "fastvithd-qformer-64"  # a fovea/transformers model directory or a preset name
     llm: str | None = None  # LLM for presets (default: SmolLM2 if fetched, else its shape)
     connector: dict = field(default_factory=dict)  # a preset's connector settings changed (name, num_queries, ...)
-    stage: str = "align"  # align: connector only; finetune: connector + LLM (full, or LoRA when lora_rank > 0)
+    stage: str = "align"  # align: connector only; finetune: connector + LLM (full, or LoRA when lora_rank > 0);
+    #                       evidence: connector only, taught to transcribe each record's "evidence" into the LLM's
+    #                       token embeddings (fovea.train.evidence: no LLM pass, for a bridge before finetune)
     lora_rank: int = 0  # finetune with LoRA adapters of this rank on the LLM; 0 = full finetune
     lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / rank)
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # LLM modules that get adapters
     steps: int = 100  # optimizer steps
-    batch_size: int = 8  # samples per optimizer step, over all processes and accumulation micro-batches
+    batch_size: int = 8  # samples per optimizer step, over all processes and accumulation micro-batches (stage
+    #                      evidence: pages per step, each with all its questions)
     grad_accum: int = 1  # packed micro-batches per process per step
     max_len: int = 4096  # longest conversation in tokens; longer records are bad records
     lr: float = 1e-4  # peak learning rate (AdamW)
@@ -415,8 +419,36 @@ class TrainRecipe:
         if not samples:
             raise ValueError("no training samples left after holding out the evaluation share")
         self.samples, self.eval_records, self.skipped = samples, eval_records, data.skipped
+        if cfg.stage == "evidence":
+            self._setup_evidence(data, processor, cache, None if cfg.eval_data else (train_ids, eval_ids))
         self.say(f"fovea train: {len(samples)} training samples, {len(eval_records)} held-out questions, "
                  f"{len(data.skipped)} records skipped")
+
+    def _setup_evidence(self, data, processor, cache, split: tuple[list[int], list[int]] | None) -> None:
+        """Stage evidence: each sample's target tokens, and held-out samples (features, not records) to score.
+        ``split``: the (train, held-out) sample indices when the held-out share comes from ``data``."""
+        if self.world > 1:
+            raise ValueError("stage evidence runs in one process (its loss does not go through the parallel "
+                             "wrapper); run it without torchrun")
+        budget = self.model.connector.budget
+        if budget is None:
+            raise ValueError(f"stage evidence needs a bridge with a fixed token budget, not "
+                             f"{self.model.config.connector.name!r}")
+        tokenizer, self.pad = processor.tokenizer, pad_id(processor.tokenizer)
+        train_records = data.records if split is None else [data.records[i] for i in split[0]]
+        self.targets, cut = evidence_targets(train_records, tokenizer, budget)
+        self.pages = group_by_page(self.samples)
+        if self.cfg.eval_data:
+            held = load_dataset(self.cfg.eval_data, processor, on_bad=self.cfg.on_bad, max_len=self.cfg.max_len,
+                                report=self.say, transform=cache)
+            held_samples, held_records = held.samples, held.records
+        else:
+            held_samples, held_records = [data.samples[i] for i in split[1]], [data.records[i] for i in split[1]]
+        self.eval_samples = held_samples[: self.cfg.eval_samples]
+        self.eval_targets, _ = evidence_targets(held_records[: self.cfg.eval_samples], tokenizer, budget)
+        self.say(f"fovea train: evidence targets of {budget} tokens ({cut} evidences cut to fit), "
+                 f"{len(self.pages)} training pages, "
+                 f"{len(self.eval_samples)} held-out questions scored by token accuracy")
 
     def _setup_parallel(self) -> None:
         self.wrapped, self.fsdp = self.model, self.world > 1 and self.cfg.parallel == "fsdp"
@@ -465,6 +497,9 @@ class TrainRecipe:
         per_rank = cfg.batch_size // world
         mine = step_indices(step, cfg.batch_size, len(self.samples), cfg.seed)[self.rank * per_rank:
                                                                                 (self.rank + 1) * per_rank]
+        if cfg.stage == "evidence":  # whole pages: batch_size pages, each with all its questions
+            pages = step_indices(step, cfg.batch_size, len(self.pages), cfg.seed)
+            return self._log_step(step, self._evidence_step([i for p in pages for i in self.pages[p]]), 0, t0)
         chunks = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
         batches = [pack([self.samples[i] for i in c], image_token_id=self.model.image_token_id).to(device)
                    for c in chunks]
@@ -481,20 +516,33 @@ class TrainRecipe:
             (loss * world / total_labels).backward()
             loss_sum += float(loss.detach())
             tokens += int(batch.input_ids.numel())
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self._optimizer_step()
+        return self._log_step(step, _all_sum(loss_sum, device) / total_labels, _all_sum(tokens, device), t0)
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        step_loss = _all_sum(loss_sum, device) / total_labels
-        all_tokens, seconds = _all_sum(tokens, device), time.perf_counter() - t0
+
+    def _evidence_step(self, mine: list[int]) -> float:
+        """One step of stage evidence (one process): the mean loss."""
+        loss = evidence_loss(self.model, [self.samples[i] for i in mine], [self.targets[i] for i in mine], self.pad)
+        loss.backward()
+        self._optimizer_step()
+        return float(loss.detach())
+
+    def _log_step(self, step: int, step_loss: float, all_tokens: float, t0: float) -> float:
+        seconds = time.perf_counter() - t0
         self.result.losses.append(step_loss)
         if self.log:
             self.log.write(json.dumps({"step": step + 1, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
                                        "tokens": all_tokens, "seconds": seconds}) + "\n")
             self.log.flush()
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{all_tokens / seconds:,.0f}")
+            self.bar.set_postfix(loss=f"{step_loss:.4f}", **({"tok_s": f"{all_tokens / seconds:,.0f}"}
+                                                              if all_tokens else {}))
             self.bar.update(1)
         return step_loss
 
@@ -502,7 +550,12 @@ class TrainRecipe:
         """Exact match on the held-out questions, on the first process (the others wait)."""
         evaluated = _unsharded(self.model, self.optimizer, self.cfg, self.fsdp, self.main)[0] \
             if self.eval_records else None
-        if self.main and self.eval_records:
+        if self.main and self.eval_records and self.cfg.stage == "evidence":
+            scores = evidence_accuracy(evaluated, self.eval_samples, self.eval_targets, self.pad)
+            self.result.evals.append({"step": done, **scores, "n": len(self.eval_samples)})
+            self.say(f"fovea train: step {done}: held-out evidence tokens read {scores['token_accuracy']:.3f}, "
+                     f"whole evidence {scores['exact_match']:.3f} ({len(self.eval_samples)} questions)")
+        elif self.main and self.eval_records:
             em = exact_match(evaluated, self.eval_records, self.cfg.eval_max_tokens)
             self.result.evals.append({"step": done, "exact_match": em, "n": len(self.eval_records)})
             self.say(f"fovea train: step {done}: held-out exact match {em:.3f} ({len(self.eval_records)} questions)")
