@@ -117,3 +117,88 @@ def _check_keys(model: VLM, state: dict[str, torch.Tensor], source: str) -> None
         raise ValueError(f"checkpoint {source!r} does not match its config: missing keys {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}, shape mismatches {shapes[:4]}")
+
+
+# ----- bundles: a trained bridge (and LoRA adapters) over parts that come from elsewhere -------------------------
+BUNDLE_NAME, BRIDGE_NAME, ADAPTER_DIR = "bundle.json", "bridge.safetensors", "adapter"
+
+
+def export_bundle(run: str | Path, out: str | Path, *, encoder_weights: str = "bundled:reader",
+                  card: dict[str, Any] | None = None) -> Path:
+    """A training run's trained parts, small enough to ship: the bridge's weights in bf16 (``bridge.safetensors``)
+    and the LoRA adapters unmerged (``adapter/``, peft's format), with the model's config in ``bundle.json``. The
+    encoder and the LLM are named, not copied: ``encoder_weights`` must hold exactly the run's (frozen) encoder
+    (checked), and the LLM must be one that loads by name or path (SmolLM2, a local directory). ``run``: a
+    ``fovea train`` folder (its ``final/`` and, after a LoRA finetune, ``adapter/``). ``card``: facts recorded in
+    the bundle (licence, provenance, training commands)."""
+    from safetensors.torch import load_file, save_file
+
+    run, out = Path(run), Path(out)
+    if not (run / "final" / CONFIG_NAME).is_file():
+        raise ValueError(f"{str(run)!r} holds no finished training run (no final/{CONFIG_NAME})")
+    meta = json.loads((run / "final" / CONFIG_NAME).read_text())
+    config = VLMConfig.from_dict(meta["fovea"])
+    if config.lm.name != "smollm2" and not config.lm.path:
+        raise ValueError(f"a bundle names its LLM instead of copying it: {config.lm.name!r} is a random preset")
+    state = load_file(str(run / "final" / WEIGHTS_NAME))
+    config.vision.overrides = {k: v for k, v in config.vision.overrides.items() if k != "inference_mode"}
+    config.vision.weights = encoder_weights
+    encoder = build_encoder(config.vision)  # unfused, as the weights file holds it; loading fuses it again
+    if "inference_mode" in meta["fovea"]["vision"].get("overrides", {}):  # the run kept the encoder fused
+        encoder.reparameterize()
+    named = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    trained = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    if set(named) != set(trained) or any(
+            not torch.allclose(named[k].to(trained[k].dtype), trained[k], rtol=1e-6, atol=1e-7) for k in named):
+        raise ValueError(f"the encoder weights {encoder_weights!r} are not the encoder {str(run)!r} was trained "
+                         "with (a bundle names its encoder: it must be exactly the run's)")
+    bridge = {k.removeprefix("connector."): v.to(torch.bfloat16).contiguous() for k, v in state.items()
+              if k.startswith("connector.")}
+    tmp = out.with_name(out.name + ".tmp-save")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(bridge, str(tmp / BRIDGE_NAME), metadata={k: str(v) for k, v in (card or {}).items()})
+    if (run / ADAPTER_DIR).is_dir():
+        shutil.copytree(run / ADAPTER_DIR, tmp / ADAPTER_DIR)
+    (tmp / BUNDLE_NAME).write_text(json.dumps({"format_version": FORMAT_VERSION, "fovea": config.to_dict(),
+                                               "card": card or {}}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_bundle(path: str | Path) -> VLM:
+    """A bundle written by ``export_bundle``: the model built from its config (bundled encoder weights, the local
+    SmolLM2), the bridge loaded strictly, the LoRA adapters merged into the LLM. A missing or unreadable file is a
+    ValueError naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in (BUNDLE_NAME, BRIDGE_NAME):
+        if not (path / name).is_file():
+            raise ValueError(f"the model bundle {str(path)!r} is missing {name}; reinstall fovea")
+    try:
+        meta = json.loads((path / BUNDLE_NAME).read_text())
+        config = VLMConfig.from_dict(meta["fovea"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"the model bundle's {str(path / BUNDLE_NAME)!r} is corrupt: {err}") from None
+    try:
+        bridge = load_file(str(path / BRIDGE_NAME))
+    except Exception as err:  # noqa: BLE001  (safetensors raises several kinds; all mean "unreadable")
+        raise ValueError(f"the model bundle's bridge weights {str(path / BRIDGE_NAME)!r} are corrupt: {err}") from None
+    model = VLM.from_config(config)
+    expected = model.connector.state_dict()
+    if set(bridge) != set(expected) or any(bridge[k].shape != expected[k].shape for k in expected):
+        raise ValueError(f"the bridge weights {str(path / BRIDGE_NAME)!r} do not fit the bundle's connector "
+                         f"{config.connector.name!r}")
+    model.connector.load_state_dict({k: v.float() for k, v in bridge.items()})
+    adapter = path / ADAPTER_DIR
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        try:
+            model.lm = PeftModel.from_pretrained(model.lm, str(adapter)).merge_and_unload()
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"the model bundle's LoRA adapters {str(adapter)!r} do not load: {err}") from None
+    return model

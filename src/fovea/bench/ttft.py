@@ -288,13 +288,31 @@ def _llm_rows(label: str, lm, tokenizer, layouts: list[Layout], page, place, rat
     return rows
 
 
+def _model_row(spec: str, page, rate: float, *, device: str, dtype: str, threads: int | None, warmup: int,
+               repeats: int, budget_s: float, progress: Callable[[str], None]) -> dict[str, Any]:
+    """One trained model's stages to the first token and its FLOP limit."""
+    from fovea.loading import load_vlm
+
+    progress(f"[bench ttft] {spec}: loading ...")
+    model = load_vlm(spec, progress=progress, device=device, dtype=dtype, threads=threads)
+    with torch.inference_mode():
+        row, _ = measure_layout(model, page, features_cache={}, warmup=warmup, repeats=repeats, budget_s=budget_s,
+                                cache_key=spec)
+    row["limit_s"] = layout_flops(model, page) / 1e9 / rate
+    row.update(layout=spec, tags=["model"], x_limit=row["ttft_s"] / row["limit_s"])
+    progress(f"[bench ttft]   TTFT {row['ttft_s']:.2f} s, {row['x_limit']:.1f}x its FLOP limit {row['limit_s']:.2f} s")
+    return row
+
+
 def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_side: int = 1536,
                    threads: int | None = None, warmup: int = 1, repeats: int = 3, budget_s: float = 90.0,
                    peers: bool = True, layouts: list[Layout] | None = None, out_dir: str | Path = "bench-results",
                    page_size: tuple[int, int] = (2880, 2160), llava_vision: dict | None = None,
                    llava_pinpoints: tuple[tuple[int, int], ...] = LLAVA_NEXT_PINPOINTS, only: str | None = None,
-                   device: str = "auto", dtype: str = "auto",
+                   device: str = "auto", dtype: str = "auto", model: str | None = None,
                    progress: Callable[[str], None] = say) -> dict[str, Any]:
+    """``model``: time that one model (a bundled model such as ``document-reader``, a directory or a preset) instead
+    of the layouts."""
     place = placement(device, dtype, threads)
     rate = matmul_gflops(place.dtype, place.device)
     env = environment()
@@ -311,6 +329,11 @@ def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_si
     results: dict[str, Any] = {}
     encoders: dict[str, Any] = {}
     features_cache: dict[str, Any] = {}
+    if model is not None:
+        llms = []
+        results[model] = {"rows": [_model_row(model, page, rate, device=device, dtype=dtype, threads=threads,
+                                              warmup=warmup, repeats=repeats, budget_s=budget_s, progress=progress)],
+                          "claims": {}}
     for llm_name in llms:
         preset, label = resolve_llm(llm_name)
         progress(f"[bench ttft] LLM {label}: loading ...")
@@ -325,7 +348,8 @@ def run_ttft_bench(*, llms: list[str] | None = None, quick: bool = False, max_si
     payload = {"benchmark": "ttft", "env": env, "quick": quick, "max_side": max_side, "results": results,
                "page": f"{page_size[0]}x{page_size[1]}", "dtype": dtype_name(place.dtype),
                "device": str(place.device), "matmul_gflops": rate,
-               "command": "fovea bench ttft" + (" --quick" if quick else "") + (f" --only {only!r}" if only else "")}
+               "command": "fovea bench ttft" + (" --quick" if quick else "") + (f" --only {only!r}" if only else "")
+               + (f" --model {model}" if model else "")}
     return save_results(payload, out_dir, "ttft", chart, progress)
 
 
