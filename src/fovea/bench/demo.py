@@ -21,7 +21,7 @@ from fovea.config import LMConfig, VisionConfig
 from fovea.data.documents import pick_questions, render_document
 from fovea.data.synth import render_contract
 from fovea.lm import build_lm
-from fovea.loading import default_llm, load_vlm
+from fovea.loading import BUNDLED_MODELS, default_llm, load_vlm
 from fovea.log import say
 from fovea.runtime import placement
 
@@ -96,6 +96,10 @@ def run_demo(
     lm.eval().to(place.device, place.dtype)
     answers: list[DemoAnswer] = []
     reader_model = None
+    if reader and not (BUNDLED_MODELS[READER] / "bundle.json").is_file():
+        progress(f"[demo] the bundled document reader is not part of this installation ({BUNDLED_MODELS[READER]}): "
+                 "costs only")
+        reader = False
     if reader:
         reader_model = load_vlm(READER, progress=progress, device=device, dtype=dtype, threads=threads)
         answers = read_pages(reader_model, progress=progress)

@@ -143,9 +143,16 @@ class QFormerAttention(nn.Module):
         q = _heads(self.query(x), self.heads)  # (B,n,E) -> (B,H,n,E/H)
         k = _heads(self.key(context), self.heads)  # (B',m,E') -> (B',H,m,E/H)
         v = _heads(self.value(context), self.heads)
-        if k.shape[0] != q.shape[0]:  # one image read by B instructions' queries: its keys and values made once
-            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)  # (1,H,m,d) -> (B,H,m,d)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        drop = self.dropout if self.training else 0.0
+        if k.shape[0] == 1 and q.shape[0] > 1 and mask is None:
+            # One image read by B instructions' queries: each query row attends on its own, so the B*n queries go
+            # through one attention over the image's keys and values, made once.
+            bq, h, n, d = q.shape
+            flat = q.transpose(0, 1).reshape(1, h, bq * n, d)  # (B,H,n,d) -> (1,H,B*n,d)
+            attn = F.scaled_dot_product_attention(flat, k, v, dropout_p=drop)
+            attn = attn.reshape(h, bq, n, d).transpose(0, 1)  # (1,H,B*n,d) -> (B,H,n,d)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.norm(x + self.dense(_merge(attn)))  # (B,n,E)
 
 
