@@ -87,3 +87,14 @@ def test_missing_corrupt_or_foreign_parts_are_named(run, tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="no finished training run"):
         export_bundle(tmp_path, tmp_path / "y")
+
+
+def test_the_demo_asks_held_out_pages_and_marks_answers_by_exact_match(run):
+    from fovea.bench.demo import DEMO_PAGES, format_answers, read_pages
+    from fovea.eval.qa import normalise
+
+    answers = read_pages(load_model(run / "run" / "final"), questions=2, progress=lambda s: None)
+    assert len(answers) == 2 * len(DEMO_PAGES) and {a.kind for a in answers} == {k for k, _ in DEMO_PAGES}
+    assert all(a.right == (normalise(a.answer) == normalise(a.reference)) for a in answers)
+    text = format_answers(answers)
+    assert f"{sum(a.right for a in answers)} of {len(answers)} right" in text
