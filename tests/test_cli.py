@@ -108,5 +108,5 @@ def test_train_help_describes_every_flag_with_its_allowed_values(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name.replace('_', '-')}" in text
-    assert "{align,finetune}" in text and "{ddp,fsdp}" in text and "{stop,skip}" in text
+    assert "{align,finetune,evidence}" in text and "{ddp,fsdp}" in text and "{stop,skip}" in text
     assert "optimizer steps (default: 100)" in text

@@ -264,7 +264,7 @@ def test_cli_synth_and_train_config_errors(tmp_path, capsys):
     assert "unknown training settings ['learning_rate']" in capsys.readouterr().err
     (tmp_path / "run.yaml").write_text(f"data: {tmp_path / 's' / 'data.json'}\nstage: pretrain\n")
     assert main(["train", str(tmp_path / "run.yaml")]) == 2
-    assert "stage must be one of ('align', 'finetune')" in capsys.readouterr().err
+    assert "stage must be one of ('align', 'finetune', 'evidence')" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "s" / "data.json"), "--lora-rank", "8"]) == 2
     assert "lora_rank applies to stage 'finetune' only" in capsys.readouterr().err
 

@@ -97,8 +97,8 @@ def run_demo(
     answers: list[DemoAnswer] = []
     reader_model = None
     if reader and not (BUNDLED_MODELS[READER] / "bundle.json").is_file():
-        progress(f"[demo] the bundled document reader is not part of this installation ({BUNDLED_MODELS[READER]}): "
-                 "costs only")
+        progress(f"[demo] fovea's document reader is not trained yet (no bundle at {BUNDLED_MODELS[READER]}; "
+                 "docs/document-reader.md): the layouts' costs only")
         reader = False
     if reader:
         reader_model = load_vlm(READER, progress=progress, device=device, dtype=dtype, threads=threads)

@@ -160,7 +160,11 @@ def encode_record(record: Record, processor: Any, pages: dict | None = None) -> 
     pages = {} if pages is None else pages
     for p in record.images:
         if p not in pages:
-            pages[p] = processor.image_processor(load_page(p, processor, record.id))
+            page = load_page(p, processor, record.id)
+            try:
+                pages[p] = processor.image_processor(page)
+            except ValueError as err:
+                raise DataError(record.id, f"cannot be prepared: {err}") from None
     images = [pages[p] for p in record.images]
     try:  # the model's own processor: images, chat template, placeholder expansion, instructions
         prompt = processor(messages, images, add_generation_prompt=False)
