@@ -35,15 +35,21 @@ def pad_id(tokenizer: Any) -> int:
     return ids[0]
 
 
+def check_evidence(records: Sequence[Any]) -> None:
+    """A record without an ``evidence`` string is a ValueError naming it."""
+    for r in records:
+        if not isinstance(r.meta.get("evidence"), str):
+            raise ValueError(f"record {r.id!r} has no 'evidence' text (stage evidence needs the page text that "
+                             "answers each question; `fovea synth` writes it)")
+
+
 def evidence_targets(records: Sequence[Any], tokenizer: Any, budget: int) -> tuple[list[torch.Tensor], int]:
     """Per record, its evidence as (Q,) token ids padded to ``budget``; and how many evidences were cut at Q.
     A record without an ``evidence`` string is a ValueError naming it."""
+    check_evidence(records)
     pad, out, cut = pad_id(tokenizer), [], 0
     for r in records:
-        text = r.meta.get("evidence")
-        if not isinstance(text, str):
-            raise ValueError(f"record {r.id!r} has no 'evidence' text (stage evidence needs the page text that "
-                             "answers each question; `fovea synth` writes it)")
+        text = r.meta["evidence"]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         cut += len(ids) > budget
         ids = ids[:budget] + [pad] * max(0, budget - len(ids))

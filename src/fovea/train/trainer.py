@@ -31,7 +31,14 @@ from fovea.data.records import encode_record, load_dataset, read_records, split_
 from fovea.log import advance, say
 from fovea.packing import IGNORE_INDEX, pack
 from fovea.runtime import resolve_device, resolve_dtype
-from fovea.train.evidence import evidence_accuracy, evidence_loss, evidence_targets, group_by_page, pad_id
+from fovea.train.evidence import (
+    check_evidence,
+    evidence_accuracy,
+    evidence_loss,
+    evidence_targets,
+    group_by_page,
+    pad_id,
+)
 from fovea.train.features import FeatureCache
 
 STAGES = ("align", "finetune", "evidence")
@@ -362,6 +369,9 @@ class TrainRecipe:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world, self.device = _dist_setup(cfg.device)
+        if cfg.stage == "evidence" and self.world > 1:
+            raise ValueError("stage evidence runs in one process (its loss does not go through the parallel "
+                             "wrapper); run it without torchrun")
         # bf16 autocast keeps fp32 master weights for what trains; the policy refuses bf16 where it is emulated.
         low = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[cfg.precision]
         self.bf16 = resolve_dtype(low, self.device) == torch.bfloat16
@@ -400,6 +410,8 @@ class TrainRecipe:
             cache = FeatureCache(self.model, cfg.feature_cache or self.out / "features", cfg.cache_features)
         from tqdm.auto import tqdm
 
+        if cfg.stage == "evidence":  # before any page is read or encoded
+            check_evidence(read_records(cfg.data) + (read_records(cfg.eval_data) if cfg.eval_data else []))
         bar = tqdm(desc="reading data", unit="record", disable=not (self.progress and self.main))
         data = load_dataset(cfg.data, processor, on_bad=cfg.on_bad, max_len=cfg.max_len, report=self.say,
                             transform=cache, progress=lambda done, total: advance(bar, done, total))
@@ -427,9 +439,6 @@ class TrainRecipe:
     def _setup_evidence(self, data, processor, cache, split: tuple[list[int], list[int]] | None) -> None:
         """Stage evidence: each sample's target tokens, and held-out samples (features, not records) to score.
         ``split``: the (train, held-out) sample indices when the held-out share comes from ``data``."""
-        if self.world > 1:
-            raise ValueError("stage evidence runs in one process (its loss does not go through the parallel "
-                             "wrapper); run it without torchrun")
         budget = self.model.connector.budget
         if budget is None:
             raise ValueError(f"stage evidence needs a bridge with a fixed token budget, not "
@@ -494,12 +503,12 @@ class TrainRecipe:
         """One optimizer step over the step's global batch; the mean token loss."""
         cfg, world, device = self.cfg, self.world, self.device
         t0 = time.perf_counter()
-        per_rank = cfg.batch_size // world
-        mine = step_indices(step, cfg.batch_size, len(self.samples), cfg.seed)[self.rank * per_rank:
-                                                                                (self.rank + 1) * per_rank]
         if cfg.stage == "evidence":  # whole pages: batch_size pages, each with all its questions
             pages = step_indices(step, cfg.batch_size, len(self.pages), cfg.seed)
             return self._log_step(step, self._evidence_step([i for p in pages for i in self.pages[p]]), 0, t0)
+        per_rank = cfg.batch_size // world
+        mine = step_indices(step, cfg.batch_size, len(self.samples), cfg.seed)[self.rank * per_rank:
+                                                                                (self.rank + 1) * per_rank]
         chunks = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
         batches = [pack([self.samples[i] for i in c], image_token_id=self.model.image_token_id).to(device)
                    for c in chunks]
