@@ -159,7 +159,8 @@ def format_table(rows: list[DemoRow], meta: dict) -> str:
         )
     lines.append("")
     lines.append("* encoder output shared with the row above (same encoder, same image); its time is counted in TTFT.")
-    lines.append(f"LLM: {meta['llm']}. Except the document reader's, these rows' encoder and connector weights are "
-                 "random: they measure cost, not answers.")
+    trained = any(r.layout.startswith("fovea document reader") for r in rows)
+    lines.append(f"LLM: {meta['llm']}. " + ("Except the document reader's, these rows' " if trained else "The ")
+                 + "encoder and connector weights are random: they measure cost, not answers.")
     lines.append(f"{describe(meta['env'])}; one run each, no warm-up (see `fovea bench ttft` for medians).")
     return "\n".join(lines)
