@@ -98,3 +98,15 @@ def test_the_demo_asks_held_out_pages_and_marks_answers_by_exact_match(run):
     assert all(a.right == (normalise(a.answer) == normalise(a.reference)) for a in answers)
     text = format_answers(answers)
     assert f"{sum(a.right for a in answers)} of {len(answers)} right" in text
+
+
+def test_bench_ttft_times_one_trained_model_against_its_flop_limit(run, tmp_path):
+    from fovea.bench.ttft import format_table, run_ttft_bench
+
+    model = str(run / "run" / "final")
+    payload = run_ttft_bench(model=model, warmup=0, repeats=1, budget_s=5.0, out_dir=tmp_path, device="cpu",
+                             dtype="float32", progress=lambda s: None)
+    (row,) = payload["results"][model]["rows"]
+    assert row["ttft_s"] > 0 and row["limit_s"] > 0 and row["x_limit"] == row["ttft_s"] / row["limit_s"]
+    assert row["visual_tokens"] == 8 and "--model" in payload["command"]
+    assert model in format_table(payload) and (tmp_path / "ttft.png").is_file()
