@@ -60,6 +60,9 @@ def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Calla
     if spec in BUNDLED_MODELS:
         if llm is not None:
             raise ValueError(f"the bundled model {spec!r} was trained with its own LLM (SmolLM2); --llm does not apply")
+        if not (BUNDLED_MODELS[spec] / "bundle.json").is_file():
+            raise ValueError(f"the bundled model {spec!r} is not part of this installation: fovea's document reader is "
+                             "not trained yet (docs/document-reader.md); use a trained model directory or a preset")
         ensure_smollm2(progress)
         progress(f"loading the bundled model {spec!r} ...")
         model = load_bundle(BUNDLED_MODELS[spec])
